@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11 and pip:
+#   make demo   creates .venv, installs fastft (torch pinned), runs the demo
+#   make test   creates or reuses .venv, installs .[dev,peers], runs every test
+#               (interpreter kernel tests included) and the ahead-of-time kernel check
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: demo test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.base: pyproject.toml | $(BIN)/python
+	$(PIP) $(TORCH) -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(PIP) $(TORCH) -e '.[dev,peers]'
+	touch $(VENV)/.base $@
+
+demo: $(VENV)/.base
+	$(BIN)/fastft demo
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q
+	$(BIN)/fastft check-kernels --arch sm_90,sm_80
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check fastft kernels tests benches
+
+clean:
+	rm -rf $(VENV) build *.egg-info bench-results

@@ -1,0 +1,116 @@
+"""``fastft check-kernels``: compile every shipped kernel ahead of time for real GPUs.
+
+Each Triton kernel file lists, in ``aot_specs()``, every (kernel, signature,
+constexprs, options) it launches. Each is compiled with ``triton.compile`` for
+each target arch on this machine (no GPU needed; Triton ships ptxas), and the
+cubin's resources are read with Triton's cuobjdump: registers and local memory
+(spills), plus the shared memory Triton allocates. Matrix kernels must show ``wgmma`` in their
+sm_90 PTX. CUDA sources in csrc/ are compiled with nvcc for the same archs.
+A row fails on a compile error, any spill, or shared memory over the limit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from . import extensions
+
+ARCHS = ("sm_90", "sm_80")
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def cubin_resources(cubin: bytes) -> dict:
+    """{registers, local_bytes} of the first function in a cubin, read by cuobjdump."""
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "k.cubin"
+        p.write_bytes(cubin)
+        proc = subprocess.run([_cuobjdump(), "-res-usage", str(p)], capture_output=True,
+                              text=True)
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", proc.stdout)
+    if proc.returncode != 0 or not m:
+        raise RuntimeError(f"cuobjdump: {(proc.stderr or proc.stdout).strip()[-300:]}")
+    return dict(registers=int(m.group(1)), stack_bytes=int(m.group(2)),
+                local_bytes=int(m.group(4)))
+
+
+def compile_spec(spec: dict, arch: str) -> dict:
+    """Compile one Triton spec for ``arch``; return its report row."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    num = int(arch.split("_")[1])
+    row = dict(kernel=spec["name"], config=spec["config"], arch=arch, registers=0,
+               spill_bytes=0, shared_bytes=0, wgmma="-", ok=True, error="")
+    try:
+        src = ASTSource(fn=spec["kernel"], signature=spec["signature"],
+                        constexprs=spec["constexprs"])
+        compiled = triton.compile(src, target=GPUTarget("cuda", num, 32),
+                                  options=spec["options"])
+    except Exception as e:  # compile errors are what this check exists to find
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        row.update(ok=False, error=f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300])
+        return row
+    row["shared_bytes"] = int(compiled.metadata.shared)
+    ptx = compiled.asm["ptx"]
+    if spec.get("matrix"):
+        row["wgmma"] = ("yes" if "wgmma" in ptx else "NO") if num >= 90 else "-"
+    try:
+        res = cubin_resources(compiled.asm["cubin"])
+    except RuntimeError as e:
+        row.update(ok=False, error=str(e))
+        return row
+    row["registers"] = res["registers"]
+    # Local memory per thread: register spills (and arrays the compiler could not keep
+    # in registers); either is a kernel that will not run at speed.
+    row["spill_bytes"] = res["local_bytes"]
+    limit = extensions.SMEM_LIMIT.get(arch, 1 << 30)
+    if row["spill_bytes"]:
+        row.update(ok=False, error=f"{row['spill_bytes']} bytes of register spills")
+    elif row["shared_bytes"] > limit:
+        row.update(ok=False, error=f"shared memory {row['shared_bytes']} > {limit}")
+    elif row["wgmma"] == "NO":
+        row.update(ok=False, error="matrix kernel without wgmma on sm_90")
+    return row
+
+
+def triton_specs() -> list[dict]:
+    from .kernels import KERNEL_FILES
+
+    specs = []
+    for name in KERNEL_FILES:
+        mod = importlib.import_module(f"fastft.kernels.{name}")
+        for spec in mod.aot_specs():
+            specs.append(dict(spec, file=name))
+    return specs
+
+
+def check(archs=ARCHS) -> list[dict]:
+    """Every report row: the Triton kernels, then the csrc/*.cu kernels."""
+    rows = []
+    for spec in triton_specs():
+        for arch in archs:
+            rows.append(dict(compile_spec(spec, arch), file=f"kernels/{spec['file']}.py"))
+    for src in extensions.cuda_sources():
+        for arch in archs:
+            for r in extensions.nvcc_check(src, arch):
+                rows.append(dict(r, config="nvcc -O3", wgmma="-", file=f"csrc/{src.name}"))
+    return rows
+
+
+def run_in_clean_process(archs) -> int:
+    """Triton's interpreter replaces the compiler: run the check in a process without it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "fastft.cli", "check-kernels", "--arch", ",".join(archs)]
+    return subprocess.call(cmd, env=env)

@@ -1,0 +1,123 @@
+"""The op contract: which backend runs an op, and why.
+
+Every fused op of fastft is declared once (``fastft/ops/<op>.py``) as a
+``torch.library`` custom op with a fake (meta) implementation and a registered
+autograd formula, and lists the backends it implements. At call time the op
+asks :func:`choose` for a backend, given the device of its inputs:
+
+- CUDA tensors: ``triton``, else ``cuda`` (a CUDA C++ kernel), else ``torch``;
+- CPU tensors: ``cpp`` (a C++ kernel from csrc/), else ``torch`` (the op's
+  chunked PyTorch path);
+- ``FASTFT_BACKEND=triton|cuda|cpp|torch|reference`` asks for one backend. An
+  op that lacks it, or a device that cannot run it, falls back along
+  ``triton -> cuda -> cpp -> torch -> reference`` to the first that works;
+  ``fastft info`` prints the choice and the reason. Triton runs on the CPU
+  only under ``TRITON_INTERPRET=1`` (the kernel tests).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import FastftError
+
+BACKENDS = ("triton", "cuda", "cpp", "torch", "reference")
+DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+@dataclass
+class OpInfo:
+    """What ``fastft info`` and :func:`choose` know about one op."""
+
+    name: str
+    summary: str
+    backends: tuple[str, ...]
+    cpp_extension: str | None = None  # name of the csrc extension behind the cpp backend
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+_OPS: dict[str, OpInfo] = {}
+_broken: dict[str, str] = {}  # backend key -> why it cannot run here
+
+
+def register(info: OpInfo) -> OpInfo:
+    for b in info.backends:
+        if b not in BACKENDS:
+            raise ValueError(f"{info.name}: unknown backend {b!r}")
+    _OPS[info.name] = info
+    return info
+
+
+def registered() -> dict[str, OpInfo]:
+    from . import ops  # noqa: F401  (importing fastft.ops registers every op)
+
+    return dict(_OPS)
+
+
+def requested() -> str | None:
+    name = os.environ.get("FASTFT_BACKEND", "").strip().lower()
+    if not name:
+        return None
+    if name not in BACKENDS:
+        raise FastftError(
+            f"FASTFT_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)} "
+            "or unset it to let fastft choose by device."
+        )
+    return name
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def mark_broken(key: str, why: str) -> None:
+    """Record that a backend failed to build or load, so later calls fall back."""
+    _broken[key] = why
+
+
+def why_unavailable(op: OpInfo, backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+    if backend not in op.backends:
+        return "the op has no such kernel"
+    if backend == "triton":
+        if device.type == "cuda":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return "triton is not installed"
+            return None
+        return None if interpreter_on() else "Triton on the CPU needs TRITON_INTERPRET=1"
+    if backend == "cuda":
+        return None if device.type == "cuda" else "needs a CUDA device"
+    if backend == "cpp":
+        if device.type != "cpu":
+            return "the C++ kernels run on the CPU"
+        key = f"cpp:{op.cpp_extension}"
+        return _broken.get(key)
+    return None
+
+
+def choose(op: OpInfo, device: torch.device) -> str:
+    """The backend that runs ``op`` for tensors on ``device``."""
+    return explain(op, device)[0]
+
+
+def explain(op: OpInfo, device: torch.device) -> tuple[str, str]:
+    """(backend, note): the choice, and why a requested or preferred one was passed over."""
+    req = requested()
+    if req is not None:
+        candidates = BACKENDS[BACKENDS.index(req):]
+    else:
+        candidates = DEFAULT_ORDER.get(device.type, ("torch",)) + ("torch", "reference")
+    skipped = []
+    for b in candidates:
+        why = why_unavailable(op, b, device)
+        if why is None:
+            note = "; ".join(skipped)
+            return b, note
+        if req is not None or b in op.backends:
+            skipped.append(f"{b}: {why}")
+    return "reference", "; ".join(skipped)

@@ -1,0 +1,209 @@
+"""The one benchmark harness: time, peak memory and FLOPs of a case, as JSON rows.
+
+A suite (fastft/bench/suites/<name>.py) lists cases; a case builds its inputs
+and returns a function that runs the measured work once. For each case:
+
+- time: on CUDA, ``triton.testing.do_bench`` (CUDA events, median of many);
+  on CPU, a monotonic clock over repeats after a warm-up; median, p20, p80;
+- peak memory above the baseline taken once the inputs exist: on CUDA,
+  ``torch.cuda.max_memory_allocated``; on CPU, each case runs in a fresh
+  subprocess and reports its peak RSS (VmHWM, reset after the warm-up through
+  /proc/self/clear_refs) above the RSS before the measured run;
+- FLOPs by ``torch.utils.flop_counter.FlopCounterMode`` over the warm-up run.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROW_TAG = "FASTFT_ROW "
+
+
+@dataclass
+class Case:
+    op: str
+    provider: str
+    params: dict
+    dtype: str
+    build: Callable[[], Callable[[], object]]
+    available: Callable[[], str | None] = field(default=lambda: None)  # None, or why not
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _malloc(mmap_threshold: int) -> None:
+    """Set glibc's mmap threshold and give freed heap memory back to the OS."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, mmap_threshold)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, mmap_threshold)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int = 20) -> dict:
+    """Run one case in this process and return its result row."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fn = case.build()
+    with FlopCounterMode(display=False) as fc:  # the warm-up run, counted
+        fn()
+    _sync(device)
+    flops = fc.get_total_flops()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=200)
+    else:
+        # Every allocation over 128 KiB gets its own mapping, returned when freed, so
+        # that the RSS follows the live tensors instead of glibc's cached heap.
+        _malloc(128 << 10)
+        base = _rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+        fn()
+        peak = max(0, _rss_kib("VmHWM") - base) * 1024
+        _malloc(32 << 20)  # glibc's own ceiling for its dynamic threshold: steady-state timing
+        times, start = [], time.perf_counter()
+        while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_seconds):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        q = statistics.quantiles(times, n=10, method="inclusive")
+        med, p20, p80 = statistics.median(times), q[1], q[7]
+    return dict(op=case.op, provider=case.provider, params=case.params, dtype=case.dtype,
+                device=device_name(device), median_ms=round(med, 4), p20_ms=round(p20, 4),
+                p80_ms=round(p80, 4), peak_bytes=int(peak), flops=int(flops),
+                tflops=round(flops / (med * 1e-3) / 1e12, 4) if med > 0 else 0.0,
+                commit=commit())
+
+
+def _suite(name: str):
+    try:
+        return importlib.import_module(f"fastft.bench.suites.{name}")
+    except ModuleNotFoundError as e:
+        from ..errors import FastftError
+
+        raise FastftError(f"no bench suite named {name!r}; suites: {', '.join(suites())}") from e
+
+
+def suites() -> list[str]:
+    here = Path(__file__).parent / "suites"
+    return sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
+
+
+def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = False,
+              echo: Callable[[str], None] = print) -> list[dict]:
+    """Run every case of a suite; write results.json and results.md to ``out_dir``."""
+    cases = _suite(name).cases(device, quick=quick)
+    rows = []
+    for i, case in enumerate(cases):
+        why = case.available()
+        if why:
+            echo(f"skip {case.op}/{case.provider}: {why}")
+            continue
+        echo(f"run  {case.op}/{case.provider} {case.params} {case.dtype}")
+        row = _run_in_subprocess(name, i, device, quick) if device == "cpu" else measure(case, device)
+        rows.append(row)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    old = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
+    keep = [r for r in old if not any(_same(r, n) for n in rows)]
+    (out / "results.json").write_text(json.dumps(keep + rows, indent=1))
+    table = markdown(rows)
+    (out / "results.md").write_text(table + "\n")
+    echo(table)
+    return rows
+
+
+def _same(a: dict, b: dict) -> bool:
+    keys = ("op", "provider", "params", "dtype", "device")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _run_in_subprocess(suite: str, index: int, device: str, quick: bool) -> dict:
+    cmd = [sys.executable, "-m", "fastft.bench.worker", suite, str(index), device]
+    if quick:
+        cmd.append("--quick")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(ROW_TAG):
+            return json.loads(line[len(ROW_TAG):])
+    raise RuntimeError(f"bench case {suite}[{index}] failed:\n{proc.stderr[-3000:]}")
+
+
+def markdown(rows: list[dict]) -> str:
+    """A table for people: one line per row, with time and memory relative to the reference."""
+    ref = {(r["op"], json.dumps(r["params"], sort_keys=True), r["dtype"]): r
+           for r in rows if r["provider"] == "reference"}
+    head = ("| op | provider | params | dtype | median ms | p20-p80 ms | peak MiB | GFLOP | "
+            "TFLOP/s | time / ref | peak / ref |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        base = ref.get((r["op"], json.dumps(r["params"], sort_keys=True), r["dtype"]))
+        t = f"{r['median_ms'] / base['median_ms']:.2f}x" if base else "-"
+        m = f"{r['peak_bytes'] / base['peak_bytes']:.3f}x" if base and base["peak_bytes"] else "-"
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        lines.append(
+            f"| {r['op']} | {r['provider']} | {params} | {r['dtype']} | {r['median_ms']:.2f} | "
+            f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f} | {r['peak_bytes'] / 2**20:.1f} | "
+            f"{r['flops'] / 1e9:.1f} | {r['tflops']:.3f} | {t} | {m} |")
+    device = rows[0]["device"] if rows else ""
+    commit_ = rows[0]["commit"] if rows else ""
+    return "\n".join(lines) + f"\n\ndevice: {device}; commit: {commit_}"

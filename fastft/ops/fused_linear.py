@@ -1,0 +1,145 @@
+"""The chunk loop shared by every fused loss of the loss head.
+
+For a chunk of C rows of the hidden states h [T, H] and the head W [V, H]:
+
+1. z = h_c W^T, the chunk's logits [C, V], in fp32 (a GEMM);
+2. the row-stats kernel: logsumexp, gathered entries, optional sums;
+3. the loss's own per-row formula (small [C] tensors, plain torch) gives the
+   per-row loss and the coefficients c, u, w of dz = (c p + u - sum_j w_j e_j) ds/dz;
+4. the row-grad kernel writes dz over the chunk;
+5. grad_h[c] = dz W and grad_W += dz^T h_c (GEMMs, fp32 accumulation).
+
+Only one chunk of logits exists at a time: the memory ceiling is C x V, not
+T x V. The row kernels come from the chosen backend (Triton, C++ or torch).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_HALF = (torch.float16, torch.bfloat16)
+_mixed_gemm_ok: dict[str, bool] = {}
+
+
+def chunk_rows(T: int, V: int, H: int) -> int:
+    """Rows per chunk: about T*H logits per chunk (the size of the hidden states)."""
+    env = os.environ.get("FASTFT_LOSS_CHUNK")
+    if env:
+        return max(1, int(env))
+    want = max(1, -(-T * H // max(V, 1)))
+    rows = 1 << (want - 1).bit_length()
+    return max(1, min(T, max(64, rows)))
+
+
+def _mixed_gemm(a: torch.Tensor) -> bool:
+    """Whether half-precision GEMMs can write/accumulate fp32 directly (CUDA out_dtype)."""
+    if not (a.is_cuda and a.dtype in _HALF):
+        return False
+    key = f"{a.device}:{a.dtype}"
+    if key not in _mixed_gemm_ok:
+        try:
+            x = torch.ones(16, 16, device=a.device, dtype=a.dtype)
+            acc = torch.zeros(16, 16, device=a.device, dtype=torch.float32)
+            torch.ops.aten.addmm.dtype_out(acc, x, x, torch.float32, out=acc)
+            _mixed_gemm_ok[key] = bool(torch.ops.aten.mm.dtype(x, x, torch.float32)[0, 0] == 16)
+        except (RuntimeError, NotImplementedError):
+            _mixed_gemm_ok[key] = False
+    return _mixed_gemm_ok[key]
+
+
+class Head:
+    """The output head W prepared for the chunk GEMMs of one call."""
+
+    def __init__(self, weight: torch.Tensor, hidden_dtype: torch.dtype):
+        self.weight = weight.contiguous()
+        self.mixed = _mixed_gemm(self.weight)
+        # On the CPU (and GPUs without fp32-output half GEMMs) everything runs in fp32.
+        if weight.is_cuda:
+            self.w = self.weight
+        else:
+            self.w = self.weight.float()
+        self.logits_dtype = torch.float32 if (self.mixed or self.w.dtype == torch.float32) \
+            else self.w.dtype
+        self.grad_dtype = self.w.dtype  # dtype of dz for the backward GEMMs
+
+    def logits(self, h_c: torch.Tensor) -> torch.Tensor:
+        if self.mixed:
+            return torch.ops.aten.mm.dtype(h_c, self.w.t(), torch.float32)
+        return h_c.to(self.w.dtype) @ self.w.t()
+
+    def grad_hidden(self, dz: torch.Tensor, out: torch.Tensor) -> None:
+        if out.dtype == dz.dtype:
+            torch.mm(dz, self.w, out=out)
+        else:
+            out.copy_(dz @ self.w)
+
+    def accumulate_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor):
+        if self.mixed:
+            torch.ops.aten.addmm.dtype_out(acc, dz.t(), h_c, torch.float32, out=acc)
+        else:
+            acc.addmm_(dz.t().to(acc.dtype), h_c.to(acc.dtype))
+
+
+@dataclass
+class RowCoeffs:
+    """A loss's per-row result for one chunk: loss and gradient coefficients."""
+
+    loss: torch.Tensor  # [C] fp32, already scaled by row weight and normaliser
+    c: torch.Tensor  # [C] coefficient of p
+    u: torch.Tensor  # [C] constant added to every vocabulary entry
+    w: torch.Tensor  # [C, J] coefficients of the gathered entries (subtracted)
+
+
+def run(hidden: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
+        coeffs: Callable[[int, int, tuple], RowCoeffs], rows, *, softcap: float,
+        temperature: float, want_sum: bool, want_entropy: bool, need_grad_hidden: bool,
+        need_grad_weight: bool):
+    """Run the chunk loop. Returns (row_loss [T], grad_hidden or None, grad_weight or None).
+
+    ``idx`` [T, J] int64: the vocabulary entries to gather per row (-1 for none).
+    ``coeffs(start, end, stats)`` turns the chunk's stats into a :class:`RowCoeffs`.
+    ``rows`` is the backend's row-kernel module (``row_stats`` and ``row_grad``).
+    """
+    hidden = hidden.contiguous()
+    T, H = hidden.shape
+    V = weight.shape[0]
+    head = Head(weight, hidden.dtype)
+    row_loss = torch.empty(T, device=hidden.device, dtype=torch.float32)
+    grad_h = torch.empty_like(hidden) if need_grad_hidden else None
+    acc_w = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if need_grad_weight \
+        else None
+    need_dz = need_grad_hidden or need_grad_weight
+    step = chunk_rows(T, V, H)
+    dz_buf = None
+    for start in range(0, T, step):
+        end = min(T, start + step)
+        h_c = hidden[start:end]
+        z = head.logits(h_c)
+        idx_c = idx[start:end]
+        stats = rows.row_stats(z, idx_c, softcap=softcap, temperature=temperature,
+                               want_sum=want_sum, want_entropy=want_entropy)
+        co = coeffs(start, end, stats)
+        row_loss[start:end] = co.loss
+        if not need_dz:
+            continue
+        if z.dtype == head.grad_dtype:
+            dz = z  # written in place
+        else:
+            if dz_buf is None or dz_buf.shape[0] < end - start:
+                dz_buf = torch.empty(step, V, device=z.device, dtype=head.grad_dtype)
+            dz = dz_buf[: end - start]
+        rows.row_grad(z, stats[0], co.c, co.u, idx_c, co.w, dz, softcap=softcap,
+                      temperature=temperature)
+        if need_grad_hidden:
+            head.grad_hidden(dz, grad_h[start:end])
+        if need_grad_weight:
+            head.accumulate_grad_weight(acc_w, dz, h_c)
+        del z, dz
+    grad_w = None
+    if need_grad_weight:
+        grad_w = acc_w if weight.dtype == torch.float32 else acc_w.to(weight.dtype)
+    return row_loss, grad_h, grad_w

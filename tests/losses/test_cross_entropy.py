@@ -1,0 +1,157 @@
+"""fastft.losses.cross_entropy against fastft.reference, on every CPU-runnable backend."""
+
+import pytest
+import torch
+
+import fastft
+from fastft.reference import losses as ref
+
+from ..helpers import assert_close
+
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def make(T, H, V, dtype=torch.float32, ignore_every=0, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    shape = lead if lead is not None else (T,)
+    h = torch.randn(*shape, H, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(dtype).requires_grad_()
+    y = torch.randint(0, V, shape, generator=g)
+    if ignore_every:
+        y.view(-1)[::ignore_every] = -100
+    return h, w, y
+
+
+def grads(loss, h, w, upstream=None):
+    if upstream is None:
+        upstream = torch.randn_like(loss) if loss.dim() else torch.tensor(1.3)
+    return torch.autograd.grad(loss, (h, w), upstream)
+
+
+def check(h, w, y, rtol, **kw):
+    up = None
+    out = fastft.losses.cross_entropy(h, w, y, **kw)
+    expect = ref.cross_entropy(h, w, y, **kw)
+    if out.dim():
+        up = torch.randn_like(out)
+    gh, gw = grads(out, h, w, up)
+    eh, ew = grads(expect, h, w, up)
+    assert out.dtype == torch.float32 and out.shape == expect.shape
+    assert gh.dtype == h.dtype and gw.dtype == w.dtype
+    assert_close(out, expect, rtol, "loss")
+    assert_close(gh, eh, rtol, "grad_hidden")
+    assert_close(gw, ew, rtol, "grad_weight")
+    return out, gh, gw
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,H,V", [(37, 24, 1000), (1, 16, 77), (130, 8, 5003)])
+def test_matches_reference_odd_shapes(backend, dtype, T, H, V):
+    h, w, y = make(T, H, V, dtype, ignore_every=4)
+    check(h, w, y, RTOL[dtype])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kw", [
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(softcap=4.0),
+    dict(temperature=0.7),
+    dict(softcap=2.5, temperature=1.3, label_smoothing=0.2, z_loss=1e-2),
+    dict(reduction="none", label_smoothing=0.1, softcap=3.0),
+], ids=str)
+def test_options_match_reference(backend, kw):
+    h, w, y = make(29, 16, 531, ignore_every=3, seed=1)
+    check(h, w, y, RTOL[torch.float32], **kw)
+
+
+@pytest.mark.interpreter
+def test_row_weights_and_leading_dims(backend):
+    h, w, y = make(0, 16, 300, lead=(3, 7), seed=2)
+    y[0, :2] = -100
+    weights = torch.rand(3, 7)
+    check(h, w, y, 1e-5, weights=weights)
+    check(h, w, y, 1e-5, weights=weights, reduction="none")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_rows_ignored_gives_zero_not_nan(backend, reduction):
+    h, w, y = make(9, 16, 100)
+    y[:] = -100
+    out = fastft.losses.cross_entropy(h, w, y, reduction=reduction)
+    gh, gw = grads(out, h, w)
+    assert torch.all(out == 0)
+    assert torch.all(gh == 0) and torch.all(gw == 0)
+
+
+@pytest.mark.interpreter
+def test_gradient_accumulation_equals_full_batch(backend):
+    h, w, y = make(40, 16, 211, ignore_every=3, seed=3)
+    full = fastft.losses.cross_entropy(h, w, y)
+    gh, gw = grads(full, h, w, torch.tensor(1.0))
+    n = (y != -100).sum()
+    parts = [fastft.losses.cross_entropy(h[a:b], w, y[a:b], num_items_in_batch=n)
+             for a, b in ((0, 17), (17, 40))]
+    acc_h, acc_w = torch.zeros_like(h), torch.zeros_like(w)
+    for p in parts:
+        ph, pw = grads(p, h, w, torch.tensor(1.0))
+        acc_h += ph
+        acc_w += pw
+    assert_close(sum(parts), full, 1e-5, "loss")
+    assert_close(acc_h, gh, 1e-5, "grad_hidden")
+    assert_close(acc_w, gw, 1e-5, "grad_weight")
+
+
+@pytest.mark.interpreter
+def test_chunking_does_not_change_the_result(backend, monkeypatch):
+    h, w, y = make(50, 16, 300, ignore_every=5, seed=4)
+    whole = check(h, w, y, 1e-5)
+    monkeypatch.setenv("FASTFT_LOSS_CHUNK", "7")
+    parts = check(h, w, y, 1e-5)
+    for a, b in zip(whole, parts):
+        assert_close(b, a, 1e-5)
+
+
+def test_stride_zero_upstream_gradient(backend):
+    h, w, y = make(11, 8, 50)
+    out = fastft.losses.cross_entropy(h, w, y, reduction="none")
+    gh, gw = torch.autograd.grad(out.sum(), (h, w))  # upstream: an expanded stride-0 tensor
+    eh, ew = torch.autograd.grad(ref.cross_entropy(h, w, y, reduction="none").sum(), (h, w))
+    assert_close(gh, eh, 1e-5)
+    assert_close(gw, ew, 1e-5)
+
+
+def test_frozen_weight_and_no_grad(backend):
+    h, w, y = make(13, 8, 64)
+    w.requires_grad_(False)
+    out = fastft.losses.cross_entropy(h, w, y)
+    (gh,) = torch.autograd.grad(out, (h,))
+    (eh,) = torch.autograd.grad(ref.cross_entropy(h, w, y), (h,))
+    assert_close(gh, eh, 1e-5)
+    with torch.no_grad():
+        val = fastft.losses.cross_entropy(h, w, y)
+    assert val.grad_fn is None
+    assert_close(val, out.detach(), 1e-6)
+
+
+def test_reference_backend_is_the_reference(monkeypatch):
+    monkeypatch.setenv("FASTFT_BACKEND", "reference")
+    h, w, y = make(10, 8, 40, ignore_every=3)
+    out = fastft.losses.cross_entropy(h, w, y, label_smoothing=0.1)
+    assert torch.equal(out, ref.cross_entropy(h, w, y, label_smoothing=0.1))
+
+
+@pytest.mark.interpreter
+def test_out_of_range_label_poisons_its_row(backend):
+    """Past the range check (skipped on CUDA without FASTFT_DEBUG), a bad label gives NaN."""
+    h, w, y = make(6, 8, 40)
+    y[2] = 40
+    out = torch.ops.fastft.linear_cross_entropy(
+        h.reshape(-1, 8), w, y, None, torch.tensor(1.0), -100, 0.0, 0.0, 0.0, 1.0, True, True)
+    rows, gh, _ = out
+    assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4, 5]]).all()
+    assert torch.isnan(gh[2]).all() and torch.isfinite(gh[[0, 1, 3, 4, 5]]).all()
