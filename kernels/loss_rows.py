@@ -52,7 +52,7 @@ def row_stats_kernel(
     base = z_ptr + row * stride_z
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([BLOCK_V], NEG, tl.float32)
-    l = tl.zeros([BLOCK_V], tl.float32)
+    acc = tl.zeros([BLOCK_V], tl.float32)  # sum of exp(s - m), per lane
     a = tl.zeros([BLOCK_V], tl.float32)
     ssum = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
@@ -64,7 +64,7 @@ def row_stats_kernel(
         m_new = tl.maximum(m, s)
         alpha = tl.exp(m - m_new)
         e = tl.exp(s - m_new)
-        l = l * alpha + e
+        acc = acc * alpha + e
         if WANT_ENT:
             a = a * alpha + e * s
         if WANT_SUM:
@@ -72,7 +72,7 @@ def row_stats_kernel(
         m = m_new
     m_row = tl.max(m, axis=0)
     scale = tl.exp(m - m_row)
-    l_row = tl.sum(l * scale, axis=0)
+    l_row = tl.sum(acc * scale, axis=0)
     lse = m_row + tl.log(l_row)
     tl.store(lse_ptr + row, lse)
     if WANT_ENT:

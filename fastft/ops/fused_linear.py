@@ -16,8 +16,8 @@ T x V. The row kernels come from the chosen backend (Triton, C++ or torch).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -16,8 +16,6 @@ forward; the backward recomputes them with the upstream gradient as row weights.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
@@ -79,7 +77,7 @@ def _forward(hidden, weight, labels, row_weights, normalizer, ignore_index, labe
 
 @torch.library.custom_op("fastft::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(
-    hidden: Tensor, weight: Tensor, labels: Tensor, row_weights: Optional[Tensor],
+    hidden: Tensor, weight: Tensor, labels: Tensor, row_weights: Tensor | None,
     normalizer: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
     softcap: float, temperature: float, need_grad_hidden: bool, need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:

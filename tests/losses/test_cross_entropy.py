@@ -8,23 +8,23 @@ from fastft.reference import losses as ref
 
 from ..helpers import assert_close
 
-RTOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
-def make(T, H, V, dtype=torch.float32, ignore_every=0, seed=0, lead=None):
+def make(T, H, V, dtype=torch.float32, ignore_every=0, seed=0, lead=None, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     shape = lead if lead is not None else (T,)
-    h = torch.randn(*shape, H, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(dtype).requires_grad_()
+    h = torch.randn(*shape, H, generator=g).to(device, dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(device, dtype).requires_grad_()
     y = torch.randint(0, V, shape, generator=g)
     if ignore_every:
         y.view(-1)[::ignore_every] = -100
-    return h, w, y
+    return h, w, y.to(device)
 
 
 def grads(loss, h, w, upstream=None):
     if upstream is None:
-        upstream = torch.randn_like(loss) if loss.dim() else torch.tensor(1.3)
+        upstream = torch.randn_like(loss) if loss.dim() else torch.full_like(loss, 1.3)
     return torch.autograd.grad(loss, (h, w), upstream)
 
 
@@ -45,10 +45,10 @@ def check(h, w, y, rtol, **kw):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("T,H,V", [(37, 24, 1000), (1, 16, 77), (130, 8, 5003)])
-def test_matches_reference_odd_shapes(backend, dtype, T, H, V):
-    h, w, y = make(T, H, V, dtype, ignore_every=4)
+def test_matches_reference_odd_shapes(backend, device, dtype, T, H, V):
+    h, w, y = make(T, H, V, dtype, ignore_every=4, device=device)
     check(h, w, y, RTOL[dtype])
 
 
@@ -63,24 +63,24 @@ def test_matches_reference_odd_shapes(backend, dtype, T, H, V):
     dict(softcap=2.5, temperature=1.3, label_smoothing=0.2, z_loss=1e-2),
     dict(reduction="none", label_smoothing=0.1, softcap=3.0),
 ], ids=str)
-def test_options_match_reference(backend, kw):
-    h, w, y = make(29, 16, 531, ignore_every=3, seed=1)
+def test_options_match_reference(backend, device, kw):
+    h, w, y = make(29, 16, 531, ignore_every=3, seed=1, device=device)
     check(h, w, y, RTOL[torch.float32], **kw)
 
 
 @pytest.mark.interpreter
-def test_row_weights_and_leading_dims(backend):
-    h, w, y = make(0, 16, 300, lead=(3, 7), seed=2)
+def test_row_weights_and_leading_dims(backend, device):
+    h, w, y = make(0, 16, 300, lead=(3, 7), seed=2, device=device)
     y[0, :2] = -100
-    weights = torch.rand(3, 7)
+    weights = torch.rand(3, 7, device=device)
     check(h, w, y, 1e-5, weights=weights)
     check(h, w, y, 1e-5, weights=weights, reduction="none")
 
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_rows_ignored_gives_zero_not_nan(backend, reduction):
-    h, w, y = make(9, 16, 100)
+def test_all_rows_ignored_gives_zero_not_nan(backend, device, reduction):
+    h, w, y = make(9, 16, 100, device=device)
     y[:] = -100
     out = fastft.losses.cross_entropy(h, w, y, reduction=reduction)
     gh, gw = grads(out, h, w)
@@ -89,16 +89,16 @@ def test_all_rows_ignored_gives_zero_not_nan(backend, reduction):
 
 
 @pytest.mark.interpreter
-def test_gradient_accumulation_equals_full_batch(backend):
-    h, w, y = make(40, 16, 211, ignore_every=3, seed=3)
+def test_gradient_accumulation_equals_full_batch(backend, device):
+    h, w, y = make(40, 16, 211, ignore_every=3, seed=3, device=device)
     full = fastft.losses.cross_entropy(h, w, y)
-    gh, gw = grads(full, h, w, torch.tensor(1.0))
+    gh, gw = grads(full, h, w, torch.ones_like(full))
     n = (y != -100).sum()
     parts = [fastft.losses.cross_entropy(h[a:b], w, y[a:b], num_items_in_batch=n)
              for a, b in ((0, 17), (17, 40))]
     acc_h, acc_w = torch.zeros_like(h), torch.zeros_like(w)
     for p in parts:
-        ph, pw = grads(p, h, w, torch.tensor(1.0))
+        ph, pw = grads(p, h, w, torch.ones_like(p))
         acc_h += ph
         acc_w += pw
     assert_close(sum(parts), full, 1e-5, "loss")
@@ -107,8 +107,8 @@ def test_gradient_accumulation_equals_full_batch(backend):
 
 
 @pytest.mark.interpreter
-def test_chunking_does_not_change_the_result(backend, monkeypatch):
-    h, w, y = make(50, 16, 300, ignore_every=5, seed=4)
+def test_chunking_does_not_change_the_result(backend, device, monkeypatch):
+    h, w, y = make(50, 16, 300, ignore_every=5, seed=4, device=device)
     whole = check(h, w, y, 1e-5)
     monkeypatch.setenv("FASTFT_LOSS_CHUNK", "7")
     parts = check(h, w, y, 1e-5)
@@ -116,8 +116,8 @@ def test_chunking_does_not_change_the_result(backend, monkeypatch):
         assert_close(b, a, 1e-5)
 
 
-def test_stride_zero_upstream_gradient(backend):
-    h, w, y = make(11, 8, 50)
+def test_stride_zero_upstream_gradient(backend, device):
+    h, w, y = make(11, 8, 50, device=device)
     out = fastft.losses.cross_entropy(h, w, y, reduction="none")
     gh, gw = torch.autograd.grad(out.sum(), (h, w))  # upstream: an expanded stride-0 tensor
     eh, ew = torch.autograd.grad(ref.cross_entropy(h, w, y, reduction="none").sum(), (h, w))
@@ -125,8 +125,8 @@ def test_stride_zero_upstream_gradient(backend):
     assert_close(gw, ew, 1e-5)
 
 
-def test_frozen_weight_and_no_grad(backend):
-    h, w, y = make(13, 8, 64)
+def test_frozen_weight_and_no_grad(backend, device):
+    h, w, y = make(13, 8, 64, device=device)
     w.requires_grad_(False)
     out = fastft.losses.cross_entropy(h, w, y)
     (gh,) = torch.autograd.grad(out, (h,))
@@ -138,20 +138,20 @@ def test_frozen_weight_and_no_grad(backend):
     assert_close(val, out.detach(), 1e-6)
 
 
-def test_reference_backend_is_the_reference(monkeypatch):
+def test_reference_backend_is_the_reference(device, monkeypatch):
     monkeypatch.setenv("FASTFT_BACKEND", "reference")
-    h, w, y = make(10, 8, 40, ignore_every=3)
+    h, w, y = make(10, 8, 40, ignore_every=3, device=device)
     out = fastft.losses.cross_entropy(h, w, y, label_smoothing=0.1)
     assert torch.equal(out, ref.cross_entropy(h, w, y, label_smoothing=0.1))
 
 
 @pytest.mark.interpreter
-def test_out_of_range_label_poisons_its_row(backend):
+def test_out_of_range_label_poisons_its_row(backend, device):
     """Past the range check (skipped on CUDA without FASTFT_DEBUG), a bad label gives NaN."""
-    h, w, y = make(6, 8, 40)
+    h, w, y = make(6, 8, 40, device=device)
     y[2] = 40
     out = torch.ops.fastft.linear_cross_entropy(
-        h.reshape(-1, 8), w, y, None, torch.tensor(1.0), -100, 0.0, 0.0, 0.0, 1.0, True, True)
+        h.reshape(-1, 8), w, y, None, torch.ones((), device=device), -100, 0.0, 0.0, 0.0, 1.0, True, True)
     rows, gh, _ = out
     assert torch.isnan(rows[2]) and torch.isfinite(rows[[0, 1, 3, 4, 5]]).all()
     assert torch.isnan(gh[2]).all() and torch.isfinite(gh[[0, 1, 3, 4, 5]]).all()

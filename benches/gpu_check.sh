@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one command a GPU machine (H100/H200) runs, from the repository root:
+#   bash benches/gpu_check.sh
+# It needs torch, triton, transformers and pytest installed and no network. It
+# runs the test suite on CUDA (the kernels for real, no interpreter), the
+# ahead-of-time kernel check, and the GPU benchmarks, then judges the GPU
+# targets. Logs and JSON go to $OUT (default ./bench-results). Under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./bench-results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+export TRITON_DEFAULT_FP_FUSION=1
+unset TRITON_INTERPRET FASTFT_BACKEND
+
+# fastft without installing it: a folder where kernels/ and csrc/ sit inside the package
+if ! "$PY" -c "import fastft.kernels" 2>/dev/null; then
+  SHADOW="$(mktemp -d)"
+  mkdir "$SHADOW/fastft"
+  for f in fastft/*; do ln -s "$PWD/$f" "$SHADOW/fastft/"; done
+  ln -s "$PWD/kernels" "$SHADOW/fastft/kernels"
+  ln -s "$PWD/csrc" "$SHADOW/fastft/csrc"
+  export PYTHONPATH="$SHADOW${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+declare -A RC SECS
+step() {  # step NAME TIMEOUT_S CMD...
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name"
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  RC[$name]=$?
+  SECS[$name]=$((SECONDS - t0))
+  tail -n 25 "$OUT/$name.log"
+  echo "== $name: exit ${RC[$name]} in ${SECS[$name]}s"
+}
+
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
+step info 60 "$PY" -m fastft.cli info
+step tests 240 env FASTFT_TEST_DEVICE=cuda "$PY" -m pytest -q -m "not slow" tests \
+  --junitxml="$OUT/tests.xml"
+step check-kernels 120 "$PY" -m fastft.cli check-kernels --arch sm_90,sm_80
+step bench 240 "$PY" -m fastft.cli bench --suite all --device cuda --out "$OUT/bench"
+step targets 30 "$PY" benches/gpu_targets.py "$OUT/bench/results.json" "$OUT/targets.json"
+
+{
+  echo "{"
+  first=1
+  for k in info tests check-kernels bench targets; do
+    [ $first -eq 1 ] || echo ","
+    first=0
+    printf '  "%s": {"exit": %s, "seconds": %s}' "$k" "${RC[$k]:-null}" "${SECS[$k]:-null}"
+  done
+  echo
+  echo "}"
+} >"$OUT/summary.json"
+cat "$OUT/summary.json"
+for k in tests check-kernels bench; do [ "${RC[$k]}" = 0 ] || exit 1; done
+exit 0

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Judge GPU bench results against the targets the issues set; print and store the verdicts.
+
+    python benches/gpu_targets.py RESULTS_JSON [OUT_JSON]
+
+Targets, per (op, params, dtype) measured on CUDA:
+- losses: fastft peak memory <= 0.2x the reference's; fastft time <= the
+  reference's; fastft time <= the peer's (Liger) where it was measured.
+"""
+
+import json
+import sys
+from collections import defaultdict
+
+TARGETS = {
+    # op: [(name, provider compared with, metric, max ratio fastft / that provider)]
+    "cross_entropy": [("peak <= 0.2x reference", "reference", "peak_bytes", 0.2),
+                      ("time <= reference", "reference", "median_ms", 1.0),
+                      ("time <= liger", "liger", "median_ms", 1.0)],
+}
+
+
+def judge(rows: list[dict]) -> list[dict]:
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["op"], json.dumps(r["params"], sort_keys=True), r["dtype"])][r["provider"]] = r
+    verdicts = []
+    for (op, params, dtype), by in sorted(groups.items()):
+        ours = by.get("fastft")
+        for name, other, metric, limit in TARGETS.get(op, []):
+            if ours is None or other not in by:
+                continue
+            ratio = ours[metric] / max(by[other][metric], 1e-12)
+            verdicts.append(dict(op=op, params=json.loads(params), dtype=dtype, target=name,
+                                 ratio=round(ratio, 4), limit=limit, met=ratio <= limit))
+    return verdicts
+
+
+def main(argv: list[str]) -> int:
+    rows = [r for r in json.load(open(argv[0])) if "cpu" not in r["device"].lower()
+            or "--any-device" in argv]
+    verdicts = judge(rows)
+    for v in verdicts:
+        params = ", ".join(f"{k}={x}" for k, x in v["params"].items())
+        print(f"{'MET ' if v['met'] else 'MISS'}  {v['op']:<16} {params:<40} {v['dtype']:<5} "
+              f"{v['target']:<26} {v['ratio']:.3f} (limit {v['limit']})")
+    print(f"{sum(v['met'] for v in verdicts)} of {len(verdicts)} targets met")
+    if len(argv) > 1 and not argv[1].startswith("--"):
+        json.dump(verdicts, open(argv[1], "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+"""The bench harness: rows carry every field, CPU peak memory is measured, tables render."""
+
+import json
+
+import torch
+
+from fastft.bench import Case, harness, markdown, run_suite
+
+FIELDS = {"op", "provider", "params", "dtype", "device", "median_ms", "p20_ms", "p80_ms",
+          "peak_bytes", "flops", "tflops", "commit"}
+
+
+def test_measure_counts_peak_memory_and_flops_of_the_run():
+    n = 2048
+
+    def build():
+        a = torch.randn(n, n)
+
+        def run():
+            b = a @ a  # 16 MiB result, plus the GEMM's FLOPs
+            return float(b[0, 0])
+
+        return run
+
+    row = harness.measure(Case("mm", "torch", {"n": n}, "fp32", build), "cpu", min_seconds=0.0)
+    assert FIELDS <= set(row)
+    assert row["flops"] == 2 * n**3
+    assert 15 * 2**20 <= row["peak_bytes"] <= 64 * 2**20
+    assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+
+
+def test_losses_suite_writes_json_and_markdown(tmp_path):
+    rows = run_suite("losses", "cpu", tmp_path, quick=True, echo=lambda s: None)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored == rows and {r["provider"] for r in rows} == {"fastft", "reference"}
+    for r in rows:
+        assert FIELDS <= set(r) and r["flops"] > 0 and r["peak_bytes"] > 0
+    by = {r["provider"]: r for r in rows}
+    # the fused loss never holds the [T, V] logits: far below the reference's peak
+    assert by["fastft"]["peak_bytes"] < 0.25 * by["reference"]["peak_bytes"]
+    assert by["fastft"]["flops"] == by["reference"]["flops"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| cross_entropy | fastft |" in md and "peak / ref" in md
+
+
+def test_markdown_ratios():
+    base = dict(op="x", params={"T": 1}, dtype="fp32", device="d", p20_ms=1, p80_ms=1, flops=0,
+                tflops=0, commit="c")
+    rows = [dict(base, provider="reference", median_ms=4.0, peak_bytes=400),
+            dict(base, provider="fastft", median_ms=2.0, peak_bytes=100)]
+    table = markdown(rows)
+    assert "| 0.50x | 0.250x |" in table
