@@ -9,8 +9,10 @@ each sweeping the vocabulary in tiles of BLOCK_V:
   logits (label smoothing) and the entropy of the softmax; gathers the
   transformed logits at J given indices per row.
 - ``row_grad_kernel``: writes the gradient of the loss with respect to the raw
-  logits, dz = (c p + u - sum_j w_j e_{idx_j}) * ds/dz, where p = softmax(s)
-  and c, u, w are per-row coefficients that the loss computed from the stats.
+  logits, dz = (c p + u - sum_j w_j e_{idx_j} - lam p_ref) * ds/dz, where
+  p = softmax(s), c, u, w are per-row coefficients that the loss computed
+  from the stats, and p_ref (optional) is the softmax of a reference row
+  (ASFT), whose KL(p_ref || p) it returns.
 
 Both read the logits in any float dtype and do all math in fp32. Row offsets
 are int64 (C x V can pass 2**31 elements). Indices outside [0, V) are never
@@ -91,9 +93,13 @@ def row_stats_kernel(
 def row_grad_kernel(
     z_ptr, stride_z, out_ptr, stride_o, V,
     lse_ptr, c_ptr, u_ptr, idx_ptr, w_ptr,
+    zr_ptr, stride_zr, lse_r_ptr, lam_ptr, kl_ptr,
     softcap, inv_temp,
-    J: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    J: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_REF: tl.constexpr, STORE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
+    """dz = (c p + u - sum_j w_j e_idx_j - lam p_ref) ds/dz; with a reference row, also
+    KL(p_ref || p) per row. STORE=False computes the KL alone (no gradient wanted)."""
     row = tl.program_id(0).to(tl.int64)
     zbase = z_ptr + row * stride_z
     obase = out_ptr + row * stride_o
@@ -101,6 +107,11 @@ def row_grad_kernel(
     lse = tl.load(lse_ptr + row)
     c = tl.load(c_ptr + row)
     u = tl.load(u_ptr + row)
+    if HAS_REF:
+        rbase = zr_ptr + row * stride_zr
+        lse_r = tl.load(lse_r_ptr + row)
+        lam = tl.load(lam_ptr + row)
+        kl = tl.zeros([BLOCK_V], tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + cols
         inb = offs < V
@@ -113,11 +124,21 @@ def row_grad_kernel(
             s = z * inv_temp
             chain = inv_temp
         ds = c * tl.exp(s - lse) + u
-        for j in tl.static_range(J):
-            idx = tl.load(idx_ptr + row * J + j)
-            wj = tl.load(w_ptr + row * J + j)
-            ds = tl.where(offs == idx, ds - wj, ds)
-        tl.store(obase + offs, (ds * chain).to(out_ptr.dtype.element_ty), mask=inb)
+        if HAS_REF:
+            zr = tl.load(rbase + offs, mask=inb, other=0.0).to(tl.float32)
+            sr = _transform(zr, softcap, inv_temp, HAS_SOFTCAP)
+            log_pr = sr - lse_r
+            p_r = tl.exp(log_pr)
+            kl += tl.where(inb, p_r * (log_pr - (s - lse)), 0.0)
+            ds -= lam * p_r
+        if STORE:
+            for j in tl.static_range(J):
+                idx = tl.load(idx_ptr + row * J + j)
+                wj = tl.load(w_ptr + row * J + j)
+                ds = tl.where(offs == idx, ds - wj, ds)
+            tl.store(obase + offs, (ds * chain).to(out_ptr.dtype.element_ty), mask=inb)
+    if HAS_REF:
+        tl.store(kl_ptr + row, tl.sum(kl, axis=0))
 
 
 def row_stats(z: torch.Tensor, idx: torch.Tensor, *, softcap: float, temperature: float,
@@ -146,20 +167,28 @@ def row_stats(z: torch.Tensor, idx: torch.Tensor, *, softcap: float, temperature
 
 
 def row_grad(z: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, u: torch.Tensor,
-             idx: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, softcap: float,
-             temperature: float) -> torch.Tensor:
-    """Launch row_grad_kernel, writing dz into ``out`` [C, V] (may alias ``z``)."""
+             idx: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None, *, softcap: float,
+             temperature: float, ref=None) -> torch.Tensor | None:
+    """Launch row_grad_kernel, writing dz into ``out`` [C, V] (may alias ``z``).
+
+    ``ref``: None, or (z_ref [C, V], lse_ref [C], lam [C]) for the term -lam p_ref;
+    then returns KL(p_ref || p) per row [C]. ``out=None`` writes no gradient.
+    """
     C, V = z.shape
+    kl = torch.empty(C, device=z.device, dtype=torch.float32) if ref is not None else None
     if C == 0:
-        return out
+        return kl
     block, warps = pick_config(V)
+    zr, lse_r, lam = ref if ref is not None else (z, lse, c)
     row_grad_kernel[(C,)](
-        z, z.stride(0), out, out.stride(0), V,
+        z, z.stride(0), z if out is None else out, 0 if out is None else out.stride(0), V,
         lse.contiguous(), c.contiguous(), u.contiguous(), idx.contiguous(), w.contiguous(),
+        zr, zr.stride(0), lse_r.contiguous(), lam.contiguous(), lse if kl is None else kl,
         float(softcap or 1.0), 1.0 / temperature,
-        J=idx.shape[1], HAS_SOFTCAP=bool(softcap), BLOCK_V=block, num_warps=warps,
+        J=idx.shape[1], HAS_SOFTCAP=bool(softcap), HAS_REF=ref is not None,
+        STORE=out is not None, BLOCK_V=block, num_warps=warps,
     )
-    return out
+    return kl
 
 
 def aot_specs():
@@ -175,12 +204,17 @@ def aot_specs():
                 constexprs={"J": 1, "HAS_SOFTCAP": True, "WANT_SUM": True, "WANT_ENT": True,
                             "BLOCK_V": block},
                 options={"num_warps": warps}, config=f"BLOCK_V={block} z={zt}"))
-            specs.append(dict(
-                name="row_grad", kernel=row_grad_kernel, matrix=False,
-                signature={"z_ptr": "*fp32", "stride_z": "i64", "out_ptr": f"*{zt}",
-                           "stride_o": "i64", "V": "i32", "lse_ptr": "*fp32", "c_ptr": "*fp32",
-                           "u_ptr": "*fp32", "idx_ptr": "*i64", "w_ptr": "*fp32",
-                           "softcap": "fp32", "inv_temp": "fp32"},
-                constexprs={"J": 1, "HAS_SOFTCAP": True, "BLOCK_V": block},
-                options={"num_warps": warps}, config=f"BLOCK_V={block} out={zt}"))
+            for has_ref in (False, True):
+                specs.append(dict(
+                    name="row_grad", kernel=row_grad_kernel, matrix=False,
+                    signature={"z_ptr": "*fp32", "stride_z": "i64", "out_ptr": f"*{zt}",
+                               "stride_o": "i64", "V": "i32", "lse_ptr": "*fp32",
+                               "c_ptr": "*fp32", "u_ptr": "*fp32", "idx_ptr": "*i64",
+                               "w_ptr": "*fp32", "zr_ptr": "*fp32", "stride_zr": "i64",
+                               "lse_r_ptr": "*fp32", "lam_ptr": "*fp32", "kl_ptr": "*fp32",
+                               "softcap": "fp32", "inv_temp": "fp32"},
+                    constexprs={"J": 9 if has_ref else 1, "HAS_SOFTCAP": True,
+                                "HAS_REF": has_ref, "STORE": True, "BLOCK_V": block},
+                    options={"num_warps": warps},
+                    config=f"BLOCK_V={block} out={zt}{' ref' if has_ref else ''}"))
     return specs

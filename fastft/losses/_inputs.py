@@ -46,7 +46,7 @@ def head(hidden: torch.Tensor, weight: torch.Tensor, name: str = "hidden"):
 
 
 def labels_like(labels: torch.Tensor, hidden: torch.Tensor, V: int, ignore_index: int,
-                name: str = "labels") -> torch.Tensor:
+                name: str = "labels", where: torch.Tensor | None = None) -> torch.Tensor:
     """Check token ids against hidden's leading dims and [0, V); return them flat, int64.
 
     The range check costs no device sync: it always runs for CPU tensors and,
@@ -65,6 +65,8 @@ def labels_like(labels: torch.Tensor, hidden: torch.Tensor, V: int, ignore_index
     check(labels.device == hidden.device,
           f"{name} is on {labels.device} but hidden is on {hidden.device}")
     flat = labels.reshape(-1).long()
+    if where is not None:
+        flat = torch.where(where.reshape(-1), flat, 0)
     if has_data(flat) and (labels.device.type == "cpu" or debug()):
         bad = (flat != ignore_index) & ((flat < 0) | (flat >= V))
         if bool(bad.any()):

@@ -1,13 +1,51 @@
-"""fastft.losses.cross_entropy: fused linear cross-entropy from hidden states."""
+"""fastft.losses.cross_entropy, dft and asft: the fused CE family from hidden states."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import backends
+from ..errors import check
 from ..ops import linear_cross_entropy as _op
 from ..reference import losses as _ref
 from . import _inputs
+
+
+def _ce_family(hidden, weight, labels, *, ignore_index, reduction, num_items_in_batch,
+               label_smoothing, z_loss, softcap, temperature, weights, dft=False,
+               ref_hidden=None, ref_weight=None, kl_coef=0.0):
+    h, w = _inputs.head(hidden, weight)
+    y = _inputs.labels_like(labels, hidden, w.shape[0], ignore_index)
+    ls, zl, cap, temp = _inputs.options(label_smoothing=label_smoothing, z_loss=z_loss,
+                                        softcap=softcap, temperature=temperature)
+    norm = _inputs.normalizer(reduction, y != ignore_index, num_items_in_batch)
+    rw = _inputs.row_weights(weights, hidden)
+    rh = rwt = None
+    if ref_hidden is not None:
+        check(tuple(ref_hidden.shape) == tuple(hidden.shape),
+              f"ref_hidden has shape {tuple(ref_hidden.shape)} but hidden has "
+              f"{tuple(hidden.shape)}: pass the reference model's hidden states for the same "
+              "tokens")
+        rh, rwt = _inputs.head(ref_hidden.detach(), (weight if ref_weight is None
+                                                     else ref_weight).detach(), "ref_hidden")
+        check(rwt.shape == w.shape, f"ref_weight has shape {tuple(rwt.shape)} but weight has "
+              f"{tuple(w.shape)}: the reference head must share the vocabulary")
+        check(rh.dtype == h.dtype, f"ref_hidden is {rh.dtype} but hidden is {h.dtype}")
+        rwt = None if ref_weight is None else rwt
+    if backends.choose(_op.INFO, h.device) == "reference":
+        fn = _ref.asft if rh is not None else (_ref.dft if dft else _ref.cross_entropy)
+        extra = dict(ref_hidden=ref_hidden, ref_weight=ref_weight, kl_coef=kl_coef) \
+            if rh is not None else {}
+        return fn(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
+                  num_items_in_batch=num_items_in_batch, label_smoothing=ls, z_loss=zl,
+                  softcap=softcap, temperature=temp, weights=weights, **extra)
+    in_forward = reduction != "none"
+    rows, _, _ = torch.ops.fastft.linear_cross_entropy(
+        h, w, y, rw, norm, int(ignore_index), ls, zl, cap, temp, dft, rh, rwt, float(kl_coef),
+        in_forward and _inputs.wants_grad(h), in_forward and _inputs.wants_grad(w))
+    if reduction == "none":
+        return rows.reshape(labels.shape)
+    return rows.sum()
 
 
 def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -23,21 +61,40 @@ def cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     accumulation), "sum", or "none" (per row, shape of ``labels``).
     ``weights`` [...] multiply each row's loss. ``z_loss`` adds z_loss * lse^2.
     """
-    h, w = _inputs.head(hidden, weight)
-    y = _inputs.labels_like(labels, hidden, w.shape[0], ignore_index)
-    ls, zl, cap, temp = _inputs.options(label_smoothing=label_smoothing, z_loss=z_loss,
-                                        softcap=softcap, temperature=temperature)
-    norm = _inputs.normalizer(reduction, y != ignore_index, num_items_in_batch)
-    rw = _inputs.row_weights(weights, hidden)
-    if backends.choose(_op.INFO, h.device) == "reference":
-        return _ref.cross_entropy(hidden, weight, labels, ignore_index=ignore_index,
-                                  reduction=reduction, num_items_in_batch=num_items_in_batch,
-                                  label_smoothing=ls, z_loss=zl, softcap=softcap,
-                                  temperature=temp, weights=weights)
-    in_forward = reduction != "none"
-    rows, _, _ = torch.ops.fastft.linear_cross_entropy(
-        h, w, y, rw, norm, int(ignore_index), ls, zl, cap, temp,
-        in_forward and _inputs.wants_grad(h), in_forward and _inputs.wants_grad(w))
-    if reduction == "none":
-        return rows.reshape(labels.shape)
-    return rows.sum()
+    return _ce_family(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
+                      num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing,
+                      z_loss=z_loss, softcap=softcap, temperature=temperature, weights=weights)
+
+
+def dft(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+        ignore_index: int = -100, reduction: str = "mean", num_items_in_batch=None,
+        weights: torch.Tensor | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+        softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Dynamic Fine-Tuning: each row's CE scaled by its own (detached) target probability.
+
+    loss_t = sg(p_y) * CE_t, so dz = p_y (p - e_y). Same arguments as :func:`cross_entropy`.
+    """
+    return _ce_family(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
+                      num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing,
+                      z_loss=z_loss, softcap=softcap, temperature=temperature, weights=weights,
+                      dft=True)
+
+
+def asft(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
+         ref_hidden: torch.Tensor, ref_weight: torch.Tensor | None = None, kl_coef: float = 0.1,
+         ignore_index: int = -100, reduction: str = "mean", num_items_in_batch=None,
+         weights: torch.Tensor | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+         softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Anchored SFT: DFT plus kl_coef * KL(p_ref || p) over the whole vocabulary.
+
+    ``ref_hidden`` [..., H]: the frozen reference's final hidden states for the
+    same tokens; ``ref_weight`` its head (None: ``weight``). The reference gets
+    no gradient; its logits are streamed chunk by chunk, never held for all rows.
+    """
+    check(isinstance(ref_hidden, torch.Tensor), "asft needs ref_hidden: the reference model's "
+          "hidden states (e.g. the same model with its adapters disabled)")
+    check(float(kl_coef) >= 0.0, f"kl_coef must be >= 0; got {kl_coef}")
+    return _ce_family(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
+                      num_items_in_batch=num_items_in_batch, label_smoothing=label_smoothing,
+                      z_loss=z_loss, softcap=softcap, temperature=temperature, weights=weights,
+                      dft=True, ref_hidden=ref_hidden, ref_weight=ref_weight, kl_coef=kl_coef)

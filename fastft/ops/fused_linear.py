@@ -16,13 +16,11 @@ T x V. The row kernels come from the chosen backend (Triton, C++ or torch).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-_HALF = (torch.float16, torch.bfloat16)
-_mixed_gemm_ok: dict[str, bool] = {}
+from . import gemm
 
 
 def chunk_rows(T: int, V: int, H: int) -> int:
@@ -32,23 +30,7 @@ def chunk_rows(T: int, V: int, H: int) -> int:
         return max(1, int(env))
     want = max(1, -(-T * H // max(V, 1)))
     rows = 1 << (want - 1).bit_length()
-    return max(1, min(T, max(64, rows)))
-
-
-def _mixed_gemm(a: torch.Tensor) -> bool:
-    """Whether half-precision GEMMs can write/accumulate fp32 directly (CUDA out_dtype)."""
-    if not (a.is_cuda and a.dtype in _HALF):
-        return False
-    key = f"{a.device}:{a.dtype}"
-    if key not in _mixed_gemm_ok:
-        try:
-            x = torch.ones(16, 16, device=a.device, dtype=a.dtype)
-            acc = torch.zeros(16, 16, device=a.device, dtype=torch.float32)
-            torch.ops.aten.addmm.dtype_out(acc, x, x, torch.float32, out=acc)
-            _mixed_gemm_ok[key] = bool(torch.ops.aten.mm.dtype(x, x, torch.float32)[0, 0] == 16)
-        except (RuntimeError, NotImplementedError):
-            _mixed_gemm_ok[key] = False
-    return _mixed_gemm_ok[key]
+    return max(1, min(T, max(128, rows)))
 
 
 class Head:
@@ -56,7 +38,7 @@ class Head:
 
     def __init__(self, weight: torch.Tensor, hidden_dtype: torch.dtype):
         self.weight = weight.contiguous()
-        self.mixed = _mixed_gemm(self.weight)
+        self.mixed = gemm.mixed_ok(self.weight)
         # On the CPU (and GPUs without fp32-output half GEMMs) everything runs in fp32.
         if weight.is_cuda:
             self.w = self.weight
@@ -68,7 +50,7 @@ class Head:
 
     def logits(self, h_c: torch.Tensor) -> torch.Tensor:
         if self.mixed:
-            return torch.ops.aten.mm.dtype(h_c, self.w.t(), torch.float32)
+            return gemm.mm_f32(h_c, self.w.t())
         return h_c.to(self.w.dtype) @ self.w.t()
 
     def grad_hidden(self, dz: torch.Tensor, out: torch.Tensor) -> None:
@@ -78,10 +60,7 @@ class Head:
             out.copy_(dz @ self.w)
 
     def accumulate_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor):
-        if self.mixed:
-            torch.ops.aten.addmm.dtype_out(acc, dz.t(), h_c, torch.float32, out=acc)
-        else:
-            acc.addmm_(dz.t().to(acc.dtype), h_c.to(acc.dtype))
+        gemm.addmm_f32_(acc, dz.t(), h_c)
 
 
 @dataclass
@@ -92,22 +71,30 @@ class RowCoeffs:
     c: torch.Tensor  # [C] coefficient of p
     u: torch.Tensor  # [C] constant added to every vocabulary entry
     w: torch.Tensor  # [C, J] coefficients of the gathered entries (subtracted)
+    lam: torch.Tensor | None = None  # [C] weight of KL(p_ref || p) (with a reference head)
 
 
-def run(hidden: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
-        coeffs: Callable[[int, int, tuple], RowCoeffs], rows, *, softcap: float,
-        temperature: float, want_sum: bool, want_entropy: bool, need_grad_hidden: bool,
-        need_grad_weight: bool):
+def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softcap: float,
+        temperature: float, need_grad_hidden: bool, need_grad_weight: bool,
+        want_sum: bool = False, want_entropy: bool = False, ref=None):
     """Run the chunk loop. Returns (row_loss [T], grad_hidden or None, grad_weight or None).
 
-    ``idx`` [T, J] int64: the vocabulary entries to gather per row (-1 for none).
-    ``coeffs(start, end, stats)`` turns the chunk's stats into a :class:`RowCoeffs`.
-    ``rows`` is the backend's row-kernel module (``row_stats`` and ``row_grad``).
+    ``rows``: the backend's row-kernel module (``row_stats``, ``row_grad``).
+    ``idx``: the vocabulary entries to gather per row, an int64 [T, J] tensor (-1
+    for none), or a function ``idx(start, end, z)`` returning the chunk's [C, J]
+    (to gather entries sampled from the chunk's logits).
+    ``coeffs(start, end, stats, idx_c)`` turns the chunk's stats into a :class:`RowCoeffs`.
+    ``ref``: None, or (ref_hidden [T, H], ref_weight [V, H]) whose softmax p_ref
+    enters as lam * KL(p_ref || p) (no gradient reaches the reference).
     """
     hidden = hidden.contiguous()
     T, H = hidden.shape
     V = weight.shape[0]
     head = Head(weight, hidden.dtype)
+    ref_head = None
+    if ref is not None:
+        ref_hidden = ref[0].contiguous()
+        ref_head = head if ref[1] is weight else Head(ref[1], ref_hidden.dtype)
     row_loss = torch.empty(T, device=hidden.device, dtype=torch.float32)
     grad_h = torch.empty_like(hidden) if need_grad_hidden else None
     acc_w = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if need_grad_weight \
@@ -119,26 +106,35 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor,
         end = min(T, start + step)
         h_c = hidden[start:end]
         z = head.logits(h_c)
-        idx_c = idx[start:end]
+        idx_c = idx(start, end, z) if callable(idx) else idx[start:end]
         stats = rows.row_stats(z, idx_c, softcap=softcap, temperature=temperature,
                                want_sum=want_sum, want_entropy=want_entropy)
-        co = coeffs(start, end, stats)
-        row_loss[start:end] = co.loss
-        if not need_dz:
-            continue
-        if z.dtype == head.grad_dtype:
-            dz = z  # written in place
-        else:
-            if dz_buf is None or dz_buf.shape[0] < end - start:
-                dz_buf = torch.empty(step, V, device=z.device, dtype=head.grad_dtype)
-            dz = dz_buf[: end - start]
-        rows.row_grad(z, stats[0], co.c, co.u, idx_c, co.w, dz, softcap=softcap,
-                      temperature=temperature)
+        co = coeffs(start, end, stats, idx_c)
+        dz = None
+        if need_dz:
+            if z.dtype == head.grad_dtype:
+                dz = z  # written in place
+            else:
+                if dz_buf is None:
+                    dz_buf = torch.empty(step, V, device=z.device, dtype=head.grad_dtype)
+                dz = dz_buf[: end - start]
+        ref_c = None
+        if ref is not None:
+            z_ref = ref_head.logits(ref_hidden[start:end])
+            lse_ref = rows.row_stats(z_ref, idx_c, softcap=softcap,
+                                     temperature=temperature, want_sum=False,
+                                     want_entropy=False)[0]
+            ref_c = (z_ref, lse_ref, co.lam)
+        kl = None
+        if dz is not None or ref is not None:
+            kl = rows.row_grad(z, stats[0], co.c, co.u, idx_c, co.w, dz, softcap=softcap,
+                               temperature=temperature, ref=ref_c)
+        row_loss[start:end] = co.loss if kl is None else co.loss + co.lam * kl
         if need_grad_hidden:
             head.grad_hidden(dz, grad_h[start:end])
         if need_grad_weight:
             head.accumulate_grad_weight(acc_w, dz, h_c)
-        del z, dz
+        del z, dz, ref_c
     grad_w = None
     if need_grad_weight:
         grad_w = acc_w if weight.dtype == torch.float32 else acc_w.to(weight.dtype)

@@ -1,17 +1,17 @@
-"""fastft::linear_cross_entropy: the fused linear cross-entropy (CE, and DFT).
+"""fastft::linear_cross_entropy: the fused linear cross-entropy family (CE, DFT, ASFT).
 
-Loss per unmasked row t, with s = softcap(z) / temperature and z = h_t W^T:
+Per unmasked row t, with s = softcap(z) / temperature and z = h_t W^T:
 
-    CE_t   = lse(s) - s_y                       (label smoothing eps:
-             (1 - eps) (lse - s_y) + eps (lse - mean_v s_v))
-    loss_t = weight_t * (CE_t + z_loss * lse^2) / normaliser
+    CE_t   = lse(s) - s_y             (label smoothing eps: (1 - eps) CE_t + eps (lse - mean_v s_v))
+    DFT_t  = sg(p_y) CE_t             (dft=True)
+    ASFT_t = sg(p_y) CE_t + kl_coef KL(p_ref || p)    (dft=True and a reference head)
+    loss_t = weight_t (.. + z_loss lse^2) / normaliser
 
-With FASTFT_BACKEND=reference the public function runs fastft.reference
-instead of this op. The op returns the per-row losses and, when asked, grad_hidden and grad_weight
-computed in the forward for an upstream gradient of one (the loss is summed by
-the caller). The registered backward scales them by the upstream gradient.
-``grads_in_forward=False`` (reduction "none") computes no gradient in the
-forward; the backward recomputes them with the upstream gradient as row weights.
+p_ref is the softmax of the reference logits ref_hidden ref_weight^T (ref_weight
+None: the same head), streamed chunk by chunk beside the policy's; the
+reference side gets no gradient. The op returns the per-row losses and, when
+asked, grad_hidden and grad_weight formed in the forward (fastft.ops.fused_autograd).
+With FASTFT_BACKEND=reference the public functions run fastft.reference instead.
 """
 
 from __future__ import annotations
@@ -21,125 +21,89 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends
-from . import fused_linear, row_backends
+from . import fused_autograd, fused_linear, row_backends
 
 INFO = backends.register(backends.OpInfo(
     name="fastft::linear_cross_entropy",
-    summary="fused linear + cross-entropy (label smoothing, z-loss, softcap, temperature)",
+    summary="fused linear cross-entropy, DFT and ASFT (label smoothing, z-loss, softcap, "
+            "temperature)",
     backends=("triton", "torch", "reference"),
 ))
 
 
-def _ce_coeffs(labels, mask, scale, *, label_smoothing, z_loss, V):
-    """Per-row loss and dz coefficients of CE from the row stats of one chunk."""
+def _coeffs(labels, mask, scale, *, label_smoothing, z_loss, dft, kl_coef, V):
+    """Per-row loss and dz coefficients from the row stats of one chunk."""
     eps = label_smoothing
 
-    def coeffs(start, end, stats):
+    def coeffs(start, end, stats, idx_c):
         lse, gathered, row_sum, _ = stats
-        y = labels[start:end]
-        m = mask[start:end]
-        sc = scale[start:end]
+        y, m = labels[start:end], mask[start:end]
         valid = (y >= 0) & (y < V)
-        loss = lse - gathered[:, 0]
+        # a label outside [0, V) that is not ignored poisons its row with NaN
+        sc = torch.where(m & ~valid, float("nan"), scale[start:end])
+        ce = lse - gathered[:, 0]
         if eps:
-            loss = (1.0 - eps) * loss + eps * (lse - row_sum / V)
-        c = torch.ones_like(lse)
+            ce = (1.0 - eps) * ce + eps * (lse - row_sum / V)
+        f = torch.exp(gathered[:, 0] - lse) if dft else torch.ones_like(lse)
+        loss = f * ce
+        c = f + kl_coef
         if z_loss:
             loss = loss + z_loss * lse * lse
             c = c + 2.0 * z_loss * lse
-        # a label outside [0, V) that is not ignored poisons its row with NaN
-        bad = m & ~valid
-        sc = torch.where(bad, float("nan"), sc)
-        loss = torch.where(m, loss * sc, 0.0)
-        c = torch.where(m, c * sc, 0.0)
-        u = torch.where(m, -sc * (eps / V), 0.0) if eps else torch.zeros_like(c)
-        w = torch.where(m, sc * (1.0 - eps), 0.0)[:, None]
-        return fused_linear.RowCoeffs(loss=loss, c=c, u=u, w=w)
+        return fused_linear.RowCoeffs(
+            loss=torch.where(m, loss * sc, 0.0),
+            c=torch.where(m, c * sc, 0.0),
+            u=torch.where(m, -sc * f * (eps / V), 0.0),
+            w=torch.where(m, sc * f * (1.0 - eps), 0.0)[:, None],
+            lam=torch.where(m, sc * kl_coef, 0.0))
 
     return coeffs
-
-
-def _forward(hidden, weight, labels, row_weights, normalizer, ignore_index, label_smoothing,
-             z_loss, softcap, temperature, need_gh, need_gw):
-    backend = backends.choose(INFO, hidden.device)
-    V = weight.shape[0]
-    mask = labels != ignore_index
-    scale = mask.float() / normalizer.float()
-    if row_weights is not None:
-        scale = scale * row_weights.float()
-    idx = torch.where(mask, labels, -1).unsqueeze(1)
-    coeffs = _ce_coeffs(labels, mask, scale, label_smoothing=label_smoothing, z_loss=z_loss, V=V)
-    return fused_linear.run(
-        hidden, weight, idx, coeffs, row_backends.get(backend), softcap=softcap,
-        temperature=temperature, want_sum=label_smoothing > 0, want_entropy=False,
-        need_grad_hidden=need_gh, need_grad_weight=need_gw)
 
 
 @torch.library.custom_op("fastft::linear_cross_entropy", mutates_args=())
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, row_weights: Tensor | None,
     normalizer: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    softcap: float, temperature: float, need_grad_hidden: bool, need_grad_weight: bool,
+    softcap: float, temperature: float, dft: bool, ref_hidden: Tensor | None,
+    ref_weight: Tensor | None, kl_coef: float, need_grad_hidden: bool, need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(row_loss [T] fp32, grad_hidden [T, H] or [0], grad_weight [V, H] or [0])."""
-    row_loss, gh, gw = _forward(
-        hidden, weight, labels, row_weights, normalizer, ignore_index, label_smoothing,
-        z_loss, softcap, temperature, need_grad_hidden, need_grad_weight)
-    return (row_loss, hidden.new_empty(0) if gh is None else gh,
+    backend = backends.choose(INFO, hidden.device)
+    V = weight.shape[0]
+    mask = labels != ignore_index
+    scale = mask.float() / normalizer.float()
+    if row_weights is not None:
+        scale = scale * row_weights.float()
+    ref = None
+    if ref_hidden is not None:
+        ref = (ref_hidden, weight if ref_weight is None else ref_weight)
+    coeffs = _coeffs(labels, mask, scale, label_smoothing=label_smoothing, z_loss=z_loss,
+                     dft=dft, kl_coef=kl_coef if ref is not None else 0.0, V=V)
+    rows, gh, gw = fused_linear.run(
+        hidden, weight, idx=torch.where(mask, labels, -1).unsqueeze(1), coeffs=coeffs,
+        rows=row_backends.get(backend), softcap=softcap, temperature=temperature,
+        want_sum=label_smoothing > 0, ref=ref, need_grad_hidden=need_grad_hidden,
+        need_grad_weight=need_grad_weight)
+    return (rows, hidden.new_empty(0) if gh is None else gh,
             hidden.new_empty(0) if gw is None else gw)
 
 
 @linear_cross_entropy.register_fake
 def _(hidden, weight, labels, row_weights, normalizer, ignore_index, label_smoothing, z_loss,
-      softcap, temperature, need_grad_hidden, need_grad_weight):
-    T = hidden.shape[0]
-    row_loss = hidden.new_empty(T, dtype=torch.float32)
-    gh = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
-    gw = torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0)
-    return row_loss, gh, gw
+      softcap, temperature, dft, ref_hidden, ref_weight, kl_coef, need_grad_hidden,
+      need_grad_weight):
+    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0))
 
 
-def _setup_context(ctx, inputs, output):
-    (hidden, weight, labels, row_weights, normalizer, ignore_index, label_smoothing, z_loss,
-     softcap, temperature, need_gh, need_gw) = inputs
-    _, gh, gw = output
-    ctx.in_forward = need_gh or need_gw
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap, temperature)
-    ctx.has_row_weights = row_weights is not None
-    if ctx.in_forward:
-        ctx.save_for_backward(gh, gw)
-    else:  # reduction "none": keep the inputs and recompute in the backward
-        ctx.save_for_backward(hidden, weight, labels, row_weights, normalizer)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, g_rows, _g_gh, _g_gw):
-    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if g_rows is None:
-        return (None,) * 12
-    if ctx.in_forward:
-        gh, gw = ctx.saved_tensors
-        # The caller summed the rows: the upstream gradient is the same for every row.
-        g = g_rows.reshape(-1)[:1].to(torch.float32)
-        grad_h = (gh * g.to(gh.dtype)) if need_h and gh.numel() else None
-        grad_w = (gw * g.to(gw.dtype)) if need_w and gw.numel() else None
-    else:
-        hidden, weight, labels, row_weights, normalizer = ctx.saved_tensors
-        rw = g_rows.float() if row_weights is None else g_rows.float() * row_weights.float()
-        _, grad_h, grad_w = torch.ops.fastft.linear_cross_entropy(
-            hidden, weight, labels, rw.contiguous(), normalizer, *ctx.options,
-            bool(need_h), bool(need_w))
-        grad_h = grad_h if need_h else None
-        grad_w = grad_w if need_w else None
-    return (grad_h, grad_w) + (None,) * 10
-
-
-linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
+fused_autograd.register(linear_cross_entropy, row_weights=3, need_hidden=14, need_weight=15)
 
 
 @register_flop_formula(torch.ops.fastft.linear_cross_entropy)
 def _flops(hidden_shape, weight_shape, *args, **kwargs) -> int:
-    """GEMM FLOPs: the logits, plus one GEMM per gradient formed in the forward."""
+    """GEMM FLOPs: the logits (and the reference's), plus one GEMM per gradient."""
     need_gh, need_gw = args[-2], args[-1]
+    has_ref = args[9] is not None
     T, H = hidden_shape
-    return 2 * T * weight_shape[0] * H * (1 + int(need_gh) + int(need_gw))
+    return 2 * T * weight_shape[0] * H * (1 + int(has_ref) + int(need_gh) + int(need_gw))

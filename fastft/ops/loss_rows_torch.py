@@ -34,24 +34,30 @@ def row_stats(z, idx, *, softcap, temperature, want_sum, want_entropy):
     return lse, _gather(s, idx), row_sum, entropy
 
 
-def row_grad(z, lse, c, u, idx, w, out, *, softcap, temperature):
-    zf = z.float()
-    if softcap:
-        t = torch.tanh(zf / softcap)
-        s = t * softcap
-        chain = (1.0 - t * t) / temperature
-    else:
-        s = zf
-        chain = None
-    if temperature != 1.0:
-        s = s / temperature
-    ds = torch.exp(s - lse[:, None]).mul_(c[:, None]).add_(u[:, None])
+def row_grad(z, lse, c, u, idx, w, out, *, softcap, temperature, ref=None):
+    s = _transform(z, softcap, temperature)
+    log_p = s - lse[:, None]
+    kl = None
+    ds = None
+    if ref is not None:
+        zr, lse_r, lam = ref
+        log_pr = _transform(zr, softcap, temperature) - lse_r[:, None]
+        p_r = torch.exp(log_pr)
+        kl = (p_r * (log_pr - log_p)).sum(1)
+        if out is not None:
+            ds = p_r.mul_(-lam[:, None])
+        del log_pr
+    if out is None:
+        return kl
+    p = log_p.exp_().mul_(c[:, None]).add_(u[:, None])
+    ds = p if ds is None else ds.add_(p)
     V = ds.shape[1]
     ok = (idx >= 0) & (idx < V)
     ds.scatter_add_(1, idx.clamp(0, V - 1), torch.where(ok, -w, 0.0))
-    if chain is not None:
-        ds.mul_(chain)
+    if softcap:
+        t = torch.tanh(z.float() / softcap)
+        ds.mul_((1.0 - t * t) / temperature)
     elif temperature != 1.0:
         ds.div_(temperature)
     out.copy_(ds)
-    return out
+    return kl

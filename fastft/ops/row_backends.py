@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
-from types import ModuleType
+from types import SimpleNamespace
 
 
-def get(backend: str) -> ModuleType:
-    """The module holding ``row_stats`` and ``row_grad`` for ``backend``.
+def get(backend: str) -> SimpleNamespace:
+    """``row_stats``, ``row_grad`` and ``sample`` (Gumbel-max) for ``backend``.
 
-    "reference" reaches an op only when it is called directly (the public
-    functions run fastft.reference themselves); it gets the torch rows.
+    "cpp": the torch rows with the C++ sampler of csrc/gumbel_sample.cpp (the
+    torch sampler if that fails to build). "reference" reaches an op only when
+    it is called directly (the public functions run fastft.reference
+    themselves); it gets the torch rows.
     """
     if backend == "triton":
-        from ..kernels import loss_rows
+        from ..kernels import gumbel_sample, loss_rows
 
-        return loss_rows
-    from . import loss_rows_torch
+        return SimpleNamespace(row_stats=loss_rows.row_stats, row_grad=loss_rows.row_grad,
+                               sample=gumbel_sample.sample)
+    from . import gumbel_torch, loss_rows_torch
 
-    return loss_rows_torch
+    sample = gumbel_torch.sample
+    if backend == "cpp":
+        from .. import extensions
+
+        ext = extensions.load("gumbel_sample")
+        if ext is not None:
+            def sample(z, k, *, seed, row_offset, softcap, temperature):
+                return ext.gumbel_sample(z.float(), k, seed, row_offset, softcap or 0.0,
+                                         temperature)
+
+    return SimpleNamespace(row_stats=loss_rows_torch.row_stats, row_grad=loss_rows_torch.row_grad,
+                           sample=sample)

@@ -44,10 +44,35 @@ def test_row_grad(device, C, V, J, softcap, temperature, out_dtype):
     c, u = torch.rand(C, generator=g, device=device), torch.randn(C, generator=g, device=device) * 1e-3
     w = torch.rand(C, J, generator=g, device=device)
     kw = dict(softcap=softcap, temperature=temperature)
-    got = loss_rows.row_grad(z, lse, c, u, idx, w, torch.empty(C, V, dtype=out_dtype, device=device), **kw)
-    want = loss_rows_torch.row_grad(z, lse, c, u, idx, w, torch.empty(C, V, dtype=out_dtype, device=device),
-                                    **kw)
+    got, want = (torch.empty(C, V, dtype=out_dtype, device=device) for _ in range(2))
+    assert loss_rows.row_grad(z, lse, c, u, idx, w, got, **kw) is None
+    assert loss_rows_torch.row_grad(z, lse, c, u, idx, w, want, **kw) is None
     assert_close(got, want, 1e-6 if out_dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("store", [True, False])
+@pytest.mark.parametrize("softcap,temperature", [(0.0, 1.0), (5.0, 0.8)])
+def test_row_grad_with_reference_rows(device, store, softcap, temperature):
+    """The ASFT term: -lam p_ref in dz, and KL(p_ref || p) per row (alone when not storing)."""
+    C, V, J = 5, 1500, 2
+    z, idx = inputs(C, V, J, device=device)
+    zr = z + torch.randn(C, V, generator=torch.Generator().manual_seed(3)).to(device)
+    kw = dict(softcap=softcap, temperature=temperature)
+    stats = dict(want_sum=False, want_entropy=False)
+    lse = loss_rows_torch.row_stats(z, idx, **kw, **stats)[0]
+    lse_r = loss_rows_torch.row_stats(zr, idx, **kw, **stats)[0]
+    g = torch.Generator(device).manual_seed(1)
+    c, u, lam = (torch.rand(C, generator=g, device=device) for _ in range(3))
+    w = torch.rand(C, J, generator=g, device=device)
+    got, want = (torch.empty(C, V, device=device) if store else None for _ in range(2))
+    kl = loss_rows.row_grad(z, lse, c, u, idx, w, got, ref=(zr, lse_r, lam), **kw)
+    kl_want = loss_rows_torch.row_grad(z, lse, c, u, idx, w, want, ref=(zr, lse_r, lam), **kw)
+    assert_close(kl, kl_want, 1e-5, "kl")
+    s = torch.log_softmax(loss_rows_torch._transform(z, softcap, temperature), 1)
+    sr = torch.log_softmax(loss_rows_torch._transform(zr, softcap, temperature), 1)
+    assert_close(kl, (sr.exp() * (sr - s)).sum(1), 1e-5, "kl vs definition")
+    if store:
+        assert_close(got, want, 1e-6, "dz")
 
 
 def test_row_grad_in_place_over_logits_with_row_stride(device):
@@ -60,9 +85,9 @@ def test_row_grad_in_place_over_logits_with_row_stride(device):
                                     want_entropy=False)[0]
     c, u, w = (torch.ones(4, device=device), torch.zeros(4, device=device),
                torch.ones(4, 1, device=device))
-    want = loss_rows_torch.row_grad(z, lse, c, u, idx, w, torch.empty_like(z), softcap=0.0,
-                                    temperature=1.0)
-    loss_rows.row_grad(view, lse, c, u, idx, w, view, softcap=0.0, temperature=1.0)
+    want = torch.empty_like(z)
+    loss_rows_torch.row_grad(z, lse, c, u, idx, w, want, softcap=0.0, temperature=1.0)
+    assert loss_rows.row_grad(view, lse, c, u, idx, w, view, softcap=0.0, temperature=1.0) is None
     assert_close(view, want, 1e-6)
     assert torch.all(big[:, 300:] == 0)
 

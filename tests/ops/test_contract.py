@@ -11,7 +11,8 @@ from fastft.ops import linear_cross_entropy as ce_op
 
 def test_every_op_is_registered_with_known_backends():
     ops = backends.registered()
-    assert "fastft::linear_cross_entropy" in ops
+    assert {"fastft::linear_cross_entropy", "fastft::linear_otr", "fastft::linear_grpo",
+            "fastft::linear_logprobs"} <= set(ops)
     for info in ops.values():
         assert set(info.backends) <= set(backends.BACKENDS)
         assert hasattr(torch.ops.fastft, info.name.split("::")[1])
@@ -70,3 +71,40 @@ def test_flop_counter_sees_the_fused_gemms():
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         fastft.losses.cross_entropy(h, w, y)
     assert fc.get_total_flops() == 2 * T * V * H
+
+
+def test_fake_tensors_trace_every_loss():
+    with FakeTensorMode():
+        h = torch.empty(2, 64, 32, requires_grad=True)
+        w = torch.empty(500, 32, requires_grad=True)
+        y = torch.zeros(2, 64, dtype=torch.long)
+        losses = [
+            fastft.losses.dft(h, w, y),
+            fastft.losses.asft(h, w, y, ref_hidden=torch.empty(2, 64, 32)),
+            fastft.losses.otr(h, w, y, k=4),
+            fastft.losses.grpo(h, w, y, torch.zeros(2), mask=torch.ones(2, 64))[0],
+        ]
+        for loss in losses:
+            gh, gw = torch.autograd.grad(loss, (h, w))
+            assert loss.shape == () and gh.shape == h.shape and gw.shape == w.shape
+        lp = fastft.losses.selective_logprobs(h, w, y)
+    assert lp.shape == (2, 64)
+
+
+def test_flop_counter_for_the_loss_family():
+    T, H, V = 32, 16, 200
+    unit = 2 * T * V * H
+    h = torch.randn(T, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    y = torch.randint(0, V, (T,))
+    cases = [(lambda: fastft.losses.otr(h, w, y, k=2), 3),
+             (lambda: fastft.losses.asft(h, w, y, ref_hidden=h.detach()), 4),
+             (lambda: fastft.losses.grpo(h[None], w, y[None], torch.ones(1),
+                                         mask=torch.ones(1, T))[0], 3),
+             (lambda: fastft.losses.grpo(h[None], w, y[None], torch.ones(1),
+                                         mask=torch.ones(1, T), old_logps=torch.zeros(1, T),
+                                         importance_level="sequence")[0], 4)]
+    for fn, units in cases:
+        with FlopCounterMode(display=False) as fc:
+            fn().backward()
+        assert fc.get_total_flops() == units * unit

@@ -1,0 +1,57 @@
+"""The autograd formula shared by the fused loss ops.
+
+A fused loss op returns (row_loss [T], grad_hidden, grad_weight, *extras) and
+forms the two gradients in its forward for an upstream gradient of one on the
+summed rows. Its backward then only scales them. With both ``need_grad`` flags
+off while the inputs require gradients (reduction "none", whose upstream
+gradient differs per row), the backward instead calls the op again with the
+upstream gradient folded into the row weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def register(op, *, row_weights: int, need_hidden: int, need_weight: int) -> None:
+    """Register the autograd of ``op``; the arguments give input positions."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.in_forward = bool(inputs[need_hidden] or inputs[need_weight])
+        ctx.set_materialize_grads(False)
+        if ctx.in_forward:
+            ctx.save_for_backward(output[1], output[2])
+            return
+        tensors = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        ctx.tensor_pos = tensors
+        ctx.others = {i: x for i, x in enumerate(inputs) if i not in tensors}
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(*(inputs[i] for i in tensors))
+
+    def backward(ctx, g_rows, *_):
+        n = len(ctx.needs_input_grad)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if g_rows is None:
+            return (None,) * n
+        if ctx.in_forward:
+            gh, gw = ctx.saved_tensors
+            # The caller summed the rows: the upstream gradient is one number for all.
+            g = g_rows.reshape(-1)[:1].to(torch.float32)
+            if g.numel() == 0:
+                g = torch.zeros(1, device=g_rows.device)
+            grad_h = gh * g.to(gh.dtype) if need_h and gh.numel() else None
+            grad_w = gw * g.to(gw.dtype) if need_w and gw.numel() else None
+            return (grad_h, grad_w) + (None,) * (n - 2)
+        args = [None] * ctx.n_inputs
+        for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):
+            args[i] = t
+        for i, x in ctx.others.items():
+            args[i] = x
+        rw = args[row_weights]
+        g = g_rows.reshape(-1).to(torch.float32)
+        args[row_weights] = (g if rw is None else g * rw.float()).contiguous()
+        args[need_hidden], args[need_weight] = bool(need_h), bool(need_w)
+        out = op(*args)
+        return (out[1] if need_h else None, out[2] if need_w else None) + (None,) * (n - 2)
+
+    op.register_autograd(backward, setup_context=setup_context)

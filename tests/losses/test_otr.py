@@ -1,0 +1,136 @@
+"""fastft.losses.otr: exact parity with given samples, and the in-kernel sampler itself."""
+
+import os
+
+import pytest
+import torch
+from fastft.kernels import gumbel_sample
+
+import fastft
+from fastft.ops import gumbel_torch, row_backends
+from fastft.reference import losses as ref
+
+from ..helpers import RTOL, assert_close, check_pair, grads_of, head_inputs
+
+pytestmark = pytest.mark.interpreter
+
+
+def draws(T, V, k, seed=5, device="cpu"):
+    return torch.randint(0, V, (T, k), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,H,V,k", [(37, 24, 1000, 8), (1, 16, 77, 1), (67, 8, 5003, 3)])
+@pytest.mark.parametrize("include_target", [True, False])
+def test_given_samples_match_reference(backend, device, dtype, T, H, V, k, include_target):
+    h, w, y = head_inputs(T, H, V, dtype, ignore_every=4, device=device)
+    s = draws(T, V, k, device=device)
+    s[0, 0] = y[0] if y[0] >= 0 else 0  # one sample that hits its target
+    otr_k = lambda *a, **kw: fastft.losses.otr(*a, k=k, **kw)  # noqa: E731
+    check_pair(otr_k, ref.otr, h, w, RTOL[dtype], y, samples=s, beta=0.3,
+               include_target=include_target)
+
+
+@pytest.mark.parametrize("kw", [dict(reduction="none"), dict(reduction="sum"),
+                                dict(temperature=0.7, softcap=4.0), dict(beta=0.0)], ids=str)
+def test_options_match_reference(backend, device, kw):
+    h, w, y = head_inputs(29, 16, 300, ignore_every=3, seed=2, device=device)
+    s = draws(29, 300, 4, device=device)
+    check_pair(lambda *a, **k: fastft.losses.otr(*a, k=4, **k), ref.otr, h, w, 1e-5, y,
+               samples=s, **kw)
+
+
+def test_drawn_samples_are_the_ones_the_loss_used(backend, device):
+    h, w, y = head_inputs(25, 16, 200, ignore_every=5, device=device)
+    loss, s = fastft.losses.otr(h, w, y, k=6, seed=11, temperature=0.9, return_samples=True)
+    assert s.shape == (25, 6) and s.dtype == torch.int64 and ((s >= 0) & (s < 200)).all()
+    expect = ref.otr(h, w, y, samples=s, temperature=0.9)
+    assert_close(loss, expect, 1e-5)
+    gh, gw = grads_of(loss, (h, w))
+    eh, ew = grads_of(expect, (h, w), torch.full_like(expect, 1.3))
+    assert_close(gh, eh, 1e-5)
+    assert_close(gw, ew, 1e-5)
+
+
+def test_same_seed_same_samples_whatever_the_chunking(backend, device, monkeypatch):
+    h, w, y = head_inputs(30, 8, 100, device=device)
+    with torch.no_grad():
+        _, a = fastft.losses.otr(h, w, y, k=5, seed=42, return_samples=True)
+        monkeypatch.setenv("FASTFT_LOSS_CHUNK", "7")
+        _, b = fastft.losses.otr(h, w, y, k=5, seed=42, return_samples=True)
+        _, c = fastft.losses.otr(h, w, y, k=5, seed=43, return_samples=True)
+    assert torch.equal(a, b)
+    assert (a != c).float().mean() > 0.5
+
+
+# On the CPU the Triton sampler is proven by drawing the same stream as the torch
+# one (next test); its own chi-square runs where it is fast, on a GPU.
+ON_CUDA = os.environ.get("FASTFT_TEST_DEVICE") == "cuda"
+SAMPLERS = ["torch", "triton"] if ON_CUDA else ["torch", "cpp"]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_sampler_follows_softmax_chi_square(device, sampler, temperature):
+    """Many draws of one small distribution: chi-square against softmax(z / t)."""
+    V, rows, k = 10, 400, 8
+    z = torch.linspace(-2.0, 1.5, V, device=device)
+    chunk = z.expand(rows, V).contiguous()
+    fn = row_backends.get(sampler).sample
+    s = fn(chunk, k, seed=1234, row_offset=0, softcap=0.0, temperature=temperature)
+    counts = torch.bincount(s.reshape(-1).cpu(), minlength=V).double()
+    expected = torch.softmax(z.double().cpu() / temperature, 0) * rows * k
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 27.88  # p = 0.001 at 9 degrees of freedom
+    # the K draws of a row are independent streams, not copies
+    assert (s[:, 0] != s[:, 1]).float().mean() > 0.3
+
+
+@pytest.mark.parametrize("other", ["triton"] if ON_CUDA else ["triton", "cpp"])
+def test_every_sampler_draws_the_torch_stream(device, other):
+    g = torch.Generator().manual_seed(0)
+    z = (torch.randn(40, 700, generator=g) * 2).to(device)
+    kw = dict(seed=2**40 + 17, row_offset=3, softcap=5.0, temperature=0.8)
+    a = (gumbel_sample.sample if other == "triton" else row_backends.get("cpp").sample)(z, 7, **kw)
+    b = gumbel_torch.sample(z, 7, **kw)
+    assert (a == b).float().mean() > 0.99  # ties in fp32 noise are the only way to differ
+
+
+def test_gradient_accumulation_with_given_samples(backend, device):
+    h, w, y = head_inputs(40, 16, 211, ignore_every=3, seed=3, device=device)
+    s = draws(40, 211, 4, device=device)
+    full = fastft.losses.otr(h, w, y, k=4, samples=s)
+    gh, gw = grads_of(full, (h, w), torch.ones_like(full))
+    n = (y != -100).sum()
+    acc_h, acc_w, total = torch.zeros_like(h), torch.zeros_like(w), 0.0
+    for a, b in ((0, 17), (17, 40)):
+        part = fastft.losses.otr(h[a:b], w, y[a:b], k=4, samples=s[a:b], num_items_in_batch=n)
+        ph, pw = grads_of(part, (h, w), torch.ones_like(part))
+        acc_h, acc_w, total = acc_h + ph, acc_w + pw, total + part
+    assert_close(total, full, 1e-5)
+    assert_close(acc_h, gh, 1e-5)
+    assert_close(acc_w, gw, 1e-5)
+
+
+def test_all_rows_masked(backend, device):
+    h, w, y = head_inputs(5, 8, 40, device=device)
+    y[:] = -100
+    out = fastft.losses.otr(h, w, y, k=3)
+    gh, gw = grads_of(out, (h, w))
+    assert out.item() == 0 and not gh.any() and not gw.any()
+
+
+def test_cpp_backend_is_the_default_on_cpu_and_draws_the_same_samples(monkeypatch):
+    h, w, y = head_inputs(20, 8, 150, ignore_every=4)
+    monkeypatch.delenv("FASTFT_BACKEND", raising=False)
+    from fastft import backends
+    from fastft.ops import linear_otr
+
+    assert backends.choose(linear_otr.INFO, torch.device("cpu")) == "cpp"
+    with torch.no_grad():
+        a, sa = fastft.losses.otr(h, w, y, k=5, seed=9, return_samples=True)
+        monkeypatch.setenv("FASTFT_BACKEND", "torch")
+        b, sb = fastft.losses.otr(h, w, y, k=5, seed=9, return_samples=True)
+    assert (sa == sb).float().mean() > 0.99
+    if torch.equal(sa, sb):
+        assert_close(a, b, 1e-6)
