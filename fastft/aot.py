@@ -53,9 +53,18 @@ def compile_spec(spec: dict, arch: str) -> dict:
     num = int(arch.split("_")[1])
     row = dict(kernel=spec["name"], config=spec["config"], arch=arch, registers=0,
                spill_bytes=0, shared_bytes=0, wgmma="-", ok=True, error="")
+    # As Triton's launcher specialises them at run time: integer arguments equal to 1
+    # become constants, and pointers/integers divisible by 16 are marked so.
+    fn = spec["kernel"]
+    signature, constexprs, attrs = dict(spec["signature"]), dict(spec["constexprs"]), {}
+    for arg, hint in spec.get("hints", {}).items():
+        if hint == 1:
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
+        else:
+            attrs[(fn.arg_names.index(arg),)] = [["tt.divisibility", 16]]
     try:
-        src = ASTSource(fn=spec["kernel"], signature=spec["signature"],
-                        constexprs=spec["constexprs"])
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", num, 32),
                                   options=spec["options"])
     except Exception as e:  # compile errors are what this check exists to find

@@ -89,8 +89,9 @@ def cmd_bench(args) -> int:
         if not torch.cuda.is_available():
             raise FastftError("--device cuda but torch sees no CUDA device; use --device cpu")
     names = suites() if args.suite == "all" else [args.suite]
+    ops = set(args.op.split(",")) if args.op else None
     for name in names:
-        run_suite(name, device, args.out, quick=args.quick)
+        run_suite(name, device, args.out, quick=args.quick, ops=ops)
     print(f"\nresults: {args.out}/results.json and results.md")
     return 0
 
@@ -99,8 +100,8 @@ def cmd_demo(args) -> int:
     from .bench import run_suite
 
     out = args.out or "bench-results/demo"
-    print("fastft demo: the fused linear cross-entropy against the materialising reference\n")
-    run_suite("losses", "cpu", out, quick=args.quick)
+    print("fastft demo: the fused loss head against the materialising reference (CPU)\n")
+    run_suite("losses", "cpu", out, quick=not args.full)
     print(f"\nresults: {out}/results.json and results.md")
     return 0
 
@@ -123,11 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     s.add_argument("--out", default="bench-results", help="folder for results.json/.md")
     s.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    s.add_argument("--op", default=None, help="only these ops (comma-separated), e.g. grpo,otr")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the embedded demo")
     s.add_argument("--out", default=None, help="folder for the demo's results")
-    s.add_argument("--quick", action="store_true", help="small shapes")
+    s.add_argument("--full", action="store_true",
+                   help="the acceptance shapes (T=4096, H=512, V=32768): minutes on 2 cores")
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -147,11 +147,14 @@ def suites() -> list[str]:
 
 
 def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = False,
-              echo: Callable[[str], None] = print) -> list[dict]:
-    """Run every case of a suite; write results.json and results.md to ``out_dir``."""
+              ops: set[str] | None = None, echo: Callable[[str], None] = print) -> list[dict]:
+    """Run the cases of a suite (those of ``ops`` when given); write results.json and
+    results.md to ``out_dir``."""
     cases = _suite(name).cases(device, quick=quick)
     rows = []
     for i, case in enumerate(cases):
+        if ops and case.op not in ops:
+            continue
         why = case.available()
         if why:
             echo(f"skip {case.op}/{case.provider}: {why}")

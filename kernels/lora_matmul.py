@@ -1,0 +1,145 @@
+"""The fused LoRA GEMM: one output tile accumulates two products over two K ranges.
+
+    C[M, N] = A1[M, K1] @ B1[K1, N] + A2[M, K2] @ B2[K2, N]  (+ bias[N])
+
+Forward of a LoRA linear: A1 = x, B1 = W0^T, A2 = s x A^T (r columns), B2 = B^T:
+the GEMM over the concatenation [x | s x A^T] x [W0 | B]^T without building it.
+Backward for dX: A1 = dY, B1 = W0, A2 = s dY B, B2 = A. The second K range is
+the adapter rank (16..256): a few more K steps of the same tile, so the LoRA
+term costs almost nothing beyond the frozen GEMM. fp32 accumulation, operands
+of any strides (transposes are strides), int64 row offsets.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): what this file ships.
+GPU_CONFIGS = (
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 4, 4),
+    (64, 128, 64, 8, 4, 4),
+)
+SMALL_CONFIG = (32, 32, 32, 4, 4, 1)  # tiny problems and the CPU interpreter
+
+
+@triton.jit
+def dual_matmul_kernel(
+    a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
+    M, N, K1, K2,
+    s_a1m, s_a1k, s_b1k, s_b1n,
+    s_a2m, s_a2k, s_b2k, s_b2n,
+    s_cm, s_cn,
+    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # grouped order: GROUP_M row-blocks share their column-blocks of B in L2
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, K1, BLOCK_K):
+        kk = k + rk
+        a = tl.load(a1_ptr + rm[:, None] * s_a1m + kk[None, :] * s_a1k,
+                    mask=m_ok[:, None] & (kk[None, :] < K1), other=0.0)
+        b = tl.load(b1_ptr + kk[:, None] * s_b1k + rn[None, :] * s_b1n,
+                    mask=(kk[:, None] < K1) & n_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+    if HAS_SECOND:
+        for k in range(0, K2, BLOCK_K):
+            kk = k + rk
+            a = tl.load(a2_ptr + rm[:, None] * s_a2m + kk[None, :] * s_a2k,
+                        mask=m_ok[:, None] & (kk[None, :] < K2), other=0.0)
+            b = tl.load(b2_ptr + kk[:, None] * s_b2k + rn[None, :] * s_b2n,
+                        mask=(kk[:, None] < K2) & n_ok[None, :], other=0.0)
+            if DOT_FP32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def pick_config(M: int, N: int, interpret: bool) -> tuple:
+    if interpret or M * N < 128 * 128:
+        return SMALL_CONFIG
+    if N >= 256 and M >= 128:
+        return GPU_CONFIGS[0]
+    return GPU_CONFIGS[1] if M >= 128 else GPU_CONFIGS[2]
+
+
+def dual_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None,
+                b2: torch.Tensor | None, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """a1 @ b1 + a2 @ b2 (+ bias) in one kernel; any strides; returns [M, N]."""
+    M, K1 = a1.shape
+    N = b1.shape[1]
+    K2 = a2.shape[1] if a2 is not None else 0
+    c = torch.empty(M, N, device=a1.device, dtype=out_dtype or a1.dtype)
+    if M == 0 or N == 0:
+        return c
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    bm, bn, bk, gm, warps, stages = pick_config(M, N, interpret)
+    second = a2 is not None and K2 > 0
+    a2_, b2_ = (a2, b2) if second else (a1, b1)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    dual_matmul_kernel[grid](
+        a1, b1, a2_, b2_, bias if bias is not None else c, c,
+        M, N, K1, K2,
+        a1.stride(0), a1.stride(1), b1.stride(0), b1.stride(1),
+        a2_.stride(0), a2_.stride(1), b2_.stride(0), b2_.stride(1),
+        c.stride(0), c.stride(1),
+        HAS_SECOND=second, HAS_BIAS=bias is not None,
+        # the interpreter computes tl.dot on bf16 operands wrongly: fp32 there
+        DOT_FP32=interpret and a1.dtype == torch.bfloat16,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
+    )
+    return c
+
+
+def aot_specs():
+    """Forward layout (B1 = W0^T: K contiguous) and dX layout (B1 = W0: N contiguous)."""
+    specs = []
+    ptrs = ("a1_ptr", "b1_ptr", "a2_ptr", "b2_ptr", "bias_ptr", "c_ptr")
+    layouts = {
+        "fwd": {"s_a1k": 1, "s_b1k": 1, "s_a2k": 1, "s_b2k": 1, "s_cn": 1,
+                "s_a1m": 16, "s_b1n": 16, "s_cm": 16},
+        "dx": {"s_a1k": 1, "s_b1n": 1, "s_a2k": 1, "s_b2n": 1, "s_cn": 1,
+               "s_a1m": 16, "s_b1k": 16, "s_b2k": 16, "s_cm": 16},
+    }
+    for bm, bn, bk, gm, warps, stages in GPU_CONFIGS:
+        for layout, hints in layouts.items():
+            for dt in ("bf16", "fp16"):
+                specs.append(dict(
+                    name="dual_matmul", kernel=dual_matmul_kernel, matrix=True,
+                    signature={**{p: f"*{dt}" for p in ptrs},
+                               "M": "i32", "N": "i32", "K1": "i32", "K2": "i32",
+                               **{f"s_{x}": "i64" for x in ("a1m", "a1k", "b1k", "b1n", "a2m",
+                                                            "a2k", "b2k", "b2n", "cm", "cn")}},
+                    constexprs={"HAS_SECOND": True, "HAS_BIAS": True, "DOT_FP32": False,
+                                "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                    # LLM shapes: sizes and rank multiples of 16 (so the K loops pipeline)
+                    hints={**{p: 16 for p in ptrs}, **hints, "M": 16, "N": 16, "K1": 16,
+                           "K2": 16},
+                    options={"num_warps": warps, "num_stages": stages},
+                    config=f"{bm}x{bn}x{bk} w{warps} s{stages} {layout} {dt}"))
+    return specs

@@ -1,0 +1,97 @@
+"""kernels/lora_matmul.py (interpreter on CPU) and the fastft::lora_linear op against the reference."""
+
+import pytest
+import torch
+from fastft.kernels import lora_matmul
+
+from fastft.reference import lora as ref
+
+from ..helpers import RTOL, assert_close
+
+pytestmark = pytest.mark.interpreter
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+
+@pytest.mark.parametrize("M,N,K1,K2", [(37, 50, 70, 5), (64, 64, 64, 16), (1, 33, 17, 3),
+                                       (130, 40, 96, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dual_matmul(device, M, N, K1, K2, dtype, bias):
+    a1 = rand(M, K1, dtype=dtype, device=device)
+    w = rand(N, K1, dtype=dtype, device=device, seed=1)  # b1 = w.T: a transposed operand
+    a2 = rand(M, K2, dtype=dtype, device=device, seed=2) if K2 else None
+    b2 = rand(K2, N, dtype=dtype, device=device, seed=3) if K2 else None
+    b = rand(N, dtype=dtype, device=device, seed=4) if bias else None
+    got = lora_matmul.dual_matmul(a1, w.t(), a2, b2, b)
+    want = a1.float() @ w.float().t()
+    if K2:
+        want += a2.float() @ b2.float()
+    if bias:
+        want += b.float()
+    assert got.dtype == dtype and got.shape == (M, N)
+    assert_close(got, want, {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype])
+
+
+def lora_inputs(T, n_in, n_out, r, dtype, device, bias=False, sb=False, adapter_dtype=None):
+    x = rand(T, n_in, dtype=dtype, device=device).requires_grad_()
+    w = rand(n_out, n_in, dtype=dtype, device=device, seed=1, scale=n_in**-0.5)
+    adt = adapter_dtype or dtype
+    a = rand(r, n_in, dtype=adt, device=device, seed=2, scale=n_in**-0.5).requires_grad_(not sb)
+    b = rand(n_out, r, dtype=adt, device=device, seed=3, scale=0.5).requires_grad_(not sb)
+    rr = rand(r, r, dtype=adt, device=device, seed=5).requires_grad_() if sb else None
+    bb = rand(n_out, dtype=dtype, device=device, seed=4).requires_grad_() if bias else None
+    return x, w, bb, a, b, rr
+
+
+def run_both(x, w, bias, a, b, rr, scale):
+    y, _ = torch.ops.fastft.lora_linear(x, w, bias, a, b, rr, scale)
+    want = ref.lora_linear(x, w, bias, a, b, rr, scale)
+    params = [t for t in (x, bias, a, b, rr) if t is not None and t.requires_grad]
+    up = torch.randn_like(want)
+    got_g = torch.autograd.grad(y, params, up)
+    want_g = torch.autograd.grad(want, params, up)
+    return y, want, got_g, want_g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T,n_in,n_out,r", [(37, 48, 40, 4), (1, 16, 24, 8), (70, 33, 65, 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_linear_matches_reference(backend, device, dtype, T, n_in, n_out, r, bias):
+    x, w, bb, a, b, _ = lora_inputs(T, n_in, n_out, r, dtype, device, bias)
+    y, want, got_g, want_g = run_both(x, w, bb, a, b, None, 2.0)
+    rtol = RTOL[dtype] if dtype == torch.float32 else RTOL[dtype] * 2
+    assert_close(y, want, rtol, "y")
+    for i, (g1, g2) in enumerate(zip(got_g, want_g)):
+        assert g1.dtype == g2.dtype
+        assert_close(g1, g2, rtol, f"grad {i}")
+
+
+def test_lora_sb_and_fp32_adapter_on_half_base(backend, device):
+    """LoRA-SB's R gets the gradient (A, B frozen); fp32 adapters beside an fp16 base (PEFT's way)."""
+    x, w, bb, a, b, rr = lora_inputs(29, 32, 40, 6, torch.float32, device, sb=True)
+    y, want, got_g, want_g = run_both(x, w, bb, a, b, rr, 1.0)
+    assert_close(y, want, 1e-5)
+    for g1, g2 in zip(got_g, want_g):
+        assert_close(g1, g2, 1e-5)
+    x, w, bb, a, b, _ = lora_inputs(29, 32, 40, 6, torch.float16, device,
+                                    adapter_dtype=torch.float32)
+    y, want, got_g, want_g = run_both(x, w, bb, a, b, None, 0.5)
+    assert y.dtype == torch.float16
+    for g1, g2 in zip(got_g, want_g):
+        assert g1.dtype == g2.dtype
+        assert_close(g1, g2, 4e-3)
+
+
+def test_frozen_base_gets_no_gradient_and_stride_zero_upstream(backend, device):
+    x, w, _, a, b, _ = lora_inputs(11, 16, 12, 2, torch.float32, device)
+    w.requires_grad_(True)
+    y, _ = torch.ops.fastft.lora_linear(x, w, None, a, b, None, 1.0)
+    gx, gw, ga = torch.autograd.grad(y.sum(), (x, w, a), allow_unused=True)  # stride-0 upstream
+    assert gw is None
+    want = torch.autograd.grad(ref.lora_linear(x, w, None, a, b).sum(), (x, a))
+    assert_close(gx, want[0], 1e-5)
+    assert_close(ga, want[1], 1e-5)
