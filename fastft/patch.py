@@ -65,17 +65,21 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
 def prepare(model: nn.Module, method=None, *, loss_head: bool = True) -> nn.Module:
     """Patch ``model`` in place for fine-tuning with ``method``; returns it.
 
-    ``method``: ``fastft.LoRA(...)``, ``fastft.LoRASB(...)`` or ``fastft.Full()``
-    (default LoRA()). LoRA and LoRA-SB freeze every other parameter.
+    ``method``: ``fastft.LoRA(...)``, ``fastft.LoRASB(...)``, ``fastft.Full()`` (default
+    LoRA()), or any object with ``prepare_model`` (fastft.methods.base.Method).
+    LoRA and LoRA-SB freeze every other parameter.
     """
     method = LoRA() if method is None else method
-    check(isinstance(method, (LoRA, LoRASB, Full)),
-          f"method must be fastft.LoRA, fastft.LoRASB or fastft.Full; got {type(method).__name__}")
+    check(isinstance(method, (LoRA, LoRASB, Full)) or hasattr(method, "prepare_model"),
+          "method must be fastft.LoRA, fastft.LoRASB, fastft.Full or a sparse method "
+          f"(fastft.LIFT, fastft.HFT, fastft.LTSFT); got {type(method).__name__}")
     check(not hasattr(model, "_fastft"), "this model is already prepared by fastft: call "
           "fastft.unpatch(model) (or fastft.merge) first")
     check(isinstance(model, nn.Module), "prepare needs a torch.nn.Module (a transformers model)")
     targets: list[str] = []
-    if isinstance(method, Full):
+    if hasattr(method, "prepare_model"):  # the methods of fastft.methods.base.Method
+        targets = list(method.prepare_model(model))
+    elif isinstance(method, Full):
         for p in model.parameters():
             p.requires_grad_(True)
     else:
