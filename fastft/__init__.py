@@ -1,11 +1,12 @@
 """fastft: fine-tuning on fused kernels, each proven against a plain PyTorch reference."""
 
-from . import losses
+from . import losses, optim
 from .adapters import load_adapter, save_adapter
 from .errors import FastftError
-from .methods import Full, LoRA, LoRASB
+from .methods import HFT, LIFT, LTSFT, Full, LoRA, LoRASB, compose
 from .patch import disable_adapters, merge, prepare, unpatch
 
 __version__ = "0.1.0"
-__all__ = ["FastftError", "Full", "LoRA", "LoRASB", "__version__", "disable_adapters",
-           "load_adapter", "losses", "merge", "prepare", "save_adapter", "unpatch"]
+__all__ = ["HFT", "LIFT", "LTSFT", "FastftError", "Full", "LoRA", "LoRASB", "__version__",
+           "compose", "disable_adapters", "load_adapter", "losses", "merge", "optim", "prepare",
+           "save_adapter", "unpatch"]

@@ -25,6 +25,9 @@ from pathlib import Path
 from .errors import FastftError
 
 CPP_FLAGS = ("-O3", "-fopenmp", "-march=native")
+# Flags one source needs beyond CPP_FLAGS. sparse_adam: sqrt without the errno branch, so
+# that its update loop vectorises (no kernel of fastft reads errno).
+EXTRA_FLAGS = {"sparse_adam": ("-fno-math-errno",)}
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}
 
@@ -103,7 +106,7 @@ def load(name: str):
             return _loaded[name]
         src = source_dir() / f"{name}.cpp"
         try:
-            mod = build(name, [src])
+            mod = build(name, [src], flags=CPP_FLAGS + EXTRA_FLAGS.get(name, ()))
         except Exception as e:  # a compiler error, a missing compiler or ninja
             why = f"C++ build of csrc/{name}.cpp failed: {str(e).strip().splitlines()[-1]}"
             backends.mark_broken(f"cpp:{name}", why)

@@ -9,7 +9,10 @@ and returns a function that runs the measured work once. For each case:
   ``torch.cuda.max_memory_allocated``; on CPU, each case runs in a fresh
   subprocess and reports its peak RSS (VmHWM, reset after the warm-up through
   /proc/self/clear_refs) above the RSS before the measured run;
-- FLOPs by ``torch.utils.flop_counter.FlopCounterMode`` over the warm-up run.
+- FLOPs by ``torch.utils.flop_counter.FlopCounterMode`` over the warm-up run;
+- numbers the case computes itself (the run function's ``metrics`` dict, e.g.
+  ``bytes_moved`` or ``state_bytes``) join the row; with ``bytes_moved`` the row
+  also gets ``gbps``, the achieved bandwidth.
 """
 
 from __future__ import annotations
@@ -125,11 +128,16 @@ def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int 
             times.append((time.perf_counter() - t0) * 1e3)
         q = statistics.quantiles(times, n=10, method="inclusive")
         med, p20, p80 = statistics.median(times), q[1], q[7]
-    return dict(op=case.op, provider=case.provider, params=case.params, dtype=case.dtype,
-                device=device_name(device), median_ms=round(med, 4), p20_ms=round(p20, 4),
-                p80_ms=round(p80, 4), peak_bytes=int(peak), flops=int(flops),
-                tflops=round(flops / (med * 1e-3) / 1e12, 4) if med > 0 else 0.0,
-                commit=commit())
+    row = dict(op=case.op, provider=case.provider, params=case.params, dtype=case.dtype,
+               device=device_name(device), median_ms=round(med, 4), p20_ms=round(p20, 4),
+               p80_ms=round(p80, 4), peak_bytes=int(peak), flops=int(flops),
+               tflops=round(flops / (med * 1e-3) / 1e12, 4) if med > 0 else 0.0,
+               commit=commit())
+    extra = dict(getattr(fn, "metrics", None) or {})
+    if "bytes_moved" in extra and med > 0:
+        extra["gbps"] = round(extra["bytes_moved"] / (med * 1e-3) / 1e9, 3)
+    row.update(extra)
+    return row
 
 
 def _suite(name: str):
@@ -191,6 +199,17 @@ def _run_in_subprocess(suite: str, index: int, device: str, quick: bool) -> dict
     raise RuntimeError(f"bench case {suite}[{index}] failed:\n{proc.stderr[-3000:]}")
 
 
+EXTRA_COLUMNS = ("bytes_moved", "gbps", "state_bytes", "ratio_to_dense")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
 def markdown(rows: list[dict]) -> str:
     """A table for people: one line per row, with time and memory relative to the reference."""
     ref = {(r["op"], json.dumps(r["params"], sort_keys=True), r["dtype"]): r
@@ -207,6 +226,12 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['op']} | {r['provider']} | {params} | {r['dtype']} | {r['median_ms']:.2f} | "
             f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f} | {r['peak_bytes'] / 2**20:.1f} | "
             f"{r['flops'] / 1e9:.1f} | {r['tflops']:.3f} | {t} | {m} |")
+    extra = [k for k in EXTRA_COLUMNS if any(k in r for r in rows)]
+    if extra:  # the numbers some suites compute themselves, as more columns
+        lines[0] += " " + " | ".join(extra) + " |"
+        lines[1] += "---|" * len(extra)
+        for i, r in enumerate(rows, start=2):
+            lines[i] += " " + " | ".join(_fmt(r.get(k)) for k in extra) + " |"
     device = rows[0]["device"] if rows else ""
     commit_ = rows[0]["commit"] if rows else ""
     return "\n".join(lines) + f"\n\ndevice: {device}; commit: {commit_}"

@@ -1,5 +1,10 @@
-"""Fine-tuning methods: adapters (LoRA, LoRA-SB) and, later, sparse masks and selection."""
+"""Fine-tuning methods: adapters (LoRA, LoRA-SB) and sparse masks (LIFT, HFT, LT-SFT)."""
 
+from .hft import HFT
+from .lift import LIFT, principal_mask
 from .lora import Full, LoRA, LoRALinear, LoRASB, LoRASBLinear
+from .ltsft import LTSFT
+from .sparse_diff import compose, load_sparse_diff, save_sparse_diff
 
-__all__ = ["Full", "LoRA", "LoRALinear", "LoRASB", "LoRASBLinear"]
+__all__ = ["HFT", "LIFT", "LTSFT", "Full", "LoRA", "LoRALinear", "LoRASB", "LoRASBLinear",
+           "compose", "load_sparse_diff", "principal_mask", "save_sparse_diff"]
