@@ -23,7 +23,7 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	touch $(VENV)/.base $@
 
 demo: $(VENV)/.base
-	$(BIN)/fastft demo
+	$(BIN)/fastft train
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q

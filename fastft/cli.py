@@ -3,7 +3,8 @@
     fastft info                          versions, device, the backend of every op
     fastft check-kernels [--arch ...]    ahead-of-time compile of every kernel
     fastft bench --suite NAME ...        a benchmark suite, JSON + markdown
-    fastft demo                          the embedded demo
+    fastft train [options]               fine-tune; with no options, the embedded demo
+    fastft demo [--quick]                the embedded demo
 
 A user error prints one line, ``fastft: error: ...``, and exits 2; ``--debug``
 shows the traceback instead.
@@ -97,13 +98,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .bench import run_suite
+    from .demo import run_demo
 
-    out = args.out or "bench-results/demo"
-    print("fastft demo: the fused loss head against the materialising reference (CPU)\n")
-    run_suite("losses", "cpu", out, quick=not args.full)
-    print(f"\nresults: {out}/results.json and results.md")
+    run_demo(args.out, quick=args.quick)
     return 0
+
+
+def cmd_train(args) -> int:
+    from .train import cli
+
+    return cli.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,10 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--op", default=None, help="only these ops (comma-separated), e.g. grpo,otr")
     s.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("demo", help="the embedded demo")
-    s.add_argument("--out", default=None, help="folder for the demo's results")
-    s.add_argument("--full", action="store_true",
-                   help="the acceptance shapes (T=4096, H=512, V=32768): minutes on 2 cores")
+    s = sub.add_parser("train", help="train a model (no arguments: the embedded demo)",
+                       description="Fine-tune a local transformers causal LM. With no "
+                       "arguments, runs the embedded demo: SFT then GRPO on arithmetic.")
+    from .train.cli import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("demo", help="the embedded demo (same as `fastft train` alone)")
+    s.add_argument("--out", default=None, help="run folder")
+    s.add_argument("--quick", action="store_true", help="a few steps only (a smoke run)")
     s.set_defaults(func=cmd_demo)
     return p
 

@@ -164,8 +164,7 @@ def _patch_forward(model: nn.Module) -> None:
     check(getattr(head, "bias", None) is None,
           "the output head has a bias, which the fused loss does not take: use loss_head=False")
     original = type(model).forward
-    dec = decoder(model)
-    softcap, temperature = logit_transform(model.config)
+    decoder(model)  # fails now, not at the first call, if there is none
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         if labels is None:
@@ -173,11 +172,13 @@ def _patch_forward(model: nn.Module) -> None:
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         kwargs.pop("logits_to_keep", None)
-        out = dec(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        # looked up on self, not captured: a deep copy of the model runs its own modules
+        out = decoder(self)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out[0]
+        softcap, temperature = logit_transform(self.config)
         if shift_labels is None:  # position t predicts token t + 1, as transformers shifts
             shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
-        loss = cross_entropy(hidden, head.weight, shift_labels.to(hidden.device),
+        loss = cross_entropy(hidden, output_head(self).weight, shift_labels.to(hidden.device),
                              num_items_in_batch=num_items, softcap=softcap,
                              temperature=temperature)
         return CausalLMOutputWithPast(loss=loss, logits=None,

@@ -35,8 +35,8 @@ def dual_matmul_kernel(
     s_a2m, s_a2k, s_b2k, s_b2n,
     s_cm, s_cn,
     HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -62,7 +62,7 @@ def dual_matmul_kernel(
                     mask=(kk[:, None] < K1) & n_ok[None, :], other=0.0)
         if DOT_FP32:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_SECOND:
         for k in range(0, K2, BLOCK_K):
             kk = k + rk
@@ -72,7 +72,7 @@ def dual_matmul_kernel(
                         mask=(kk[:, None] < K2) & n_ok[None, :], other=0.0)
             if DOT_FP32:
                 a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn,
@@ -111,6 +111,9 @@ def dual_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None,
         HAS_SECOND=second, HAS_BIAS=bias is not None,
         # the interpreter computes tl.dot on bf16 operands wrongly: fp32 there
         DOT_FP32=interpret and a1.dtype == torch.bfloat16,
+        # fp32 operands: TF32 only where torch allows it for its own matmuls
+        PRECISION="tf32" if a1.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        else "ieee",
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
     )
     return c
@@ -136,7 +139,7 @@ def aot_specs():
                                **{f"s_{x}": "i64" for x in ("a1m", "a1k", "b1k", "b1n", "a2m",
                                                             "a2k", "b2k", "b2n", "cm", "cn")}},
                     constexprs={"HAS_SECOND": True, "HAS_BIAS": True, "DOT_FP32": False,
-                                "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                                "PRECISION": "ieee", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
                     # LLM shapes: sizes and rank multiples of 16 (so the K loops pipeline)
                     hints={**{p: 16 for p in ptrs}, **hints, "M": 16, "N": 16, "K1": 16,
                            "K2": 16},

@@ -43,3 +43,39 @@ def test_bad_backend_env_and_debug_flag_shows_traceback():
 def test_bad_arch():
     proc = run("check-kernels", "--arch", "sm_75")
     assert proc.returncode == 2 and "unknown arch 'sm_75'" in proc.stderr
+
+
+def one_line_error(proc, words):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fastft: error: ") and words in lines[0], lines
+
+
+def test_train_errors_are_one_line(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "completion": "2"}\n')
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('learning_rate = 0.1\n')
+    one_line_error(run("train", "--model", str(model), "--data", str(tmp_path / "none.jsonl")),
+                   "none.jsonl not found")
+    one_line_error(run("train", "--config", str(cfg)), "unknown key(s) learning_rate")
+    one_line_error(run("train", "--objective", "ppo"), "objective must be one of sft, grpo")
+    one_line_error(run("train", "--model", str(model), "--data", str(data)),
+                   "has no model weights")
+    one_line_error(run("train", "--model", str(tmp_path / "nope"), "--data", str(data)),
+                   "not found")
+
+
+def test_train_help_documents_every_option():
+    import dataclasses
+
+    from fastft.train.config import TrainConfig
+
+    out = run("train", "--help").stdout
+    for f in dataclasses.fields(TrainConfig):
+        flag = {"output_dir": "--output", "resume_from": "--resume"}.get(f.name,
+                                                                          "--" + f.name.replace("_", "-"))
+        assert flag in out, flag

@@ -1,0 +1,6 @@
+"""Training: TrainConfig and the Trainer loop."""
+
+from .config import TrainConfig
+from .trainer import Trainer
+
+__all__ = ["TrainConfig", "Trainer"]

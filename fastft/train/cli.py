@@ -1,0 +1,156 @@
+"""``fastft train``: flags for every TrainConfig field, over an optional TOML config file."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+from pathlib import Path
+
+from ..errors import FastftError, check
+from .config import TrainConfig, read_toml
+
+HELP = {
+    "objective": "sft or grpo", "loss": "SFT loss: ce, dft, asft or otr",
+    "method": "lora, lora-sb, full, lift, hft or ltsft", "lora_r": "adapter rank",
+    "lora_alpha": "LoRA alpha (scale alpha / r)", "lora_dropout": "dropout on the LoRA input",
+    "target_modules": "'all-linear', comma-separated names, or a regex over module paths",
+    "rslora": "scale alpha / sqrt(r)", "max_length": "tokens per example",
+    "truncation": "cut examples longer than max_length (else: an error)",
+    "packing": "pack examples into rows of max_length without padding",
+    "completion_only": "learn only the completion tokens (prompt masked)",
+    "skip_invalid": "skip bad records (and report how many) instead of stopping",
+    "batch_size": "sequences (SFT) or completions (GRPO) per micro-batch and process",
+    "grad_accum": "micro-batches per optimizer step (SFT)",
+    "max_steps": "optimizer steps (0: use epochs)", "epochs": "passes over the data",
+    "lr": "peak learning rate", "weight_decay": "AdamW weight decay",
+    "adam_betas": "AdamW betas, e.g. 0.9,0.999", "adam_eps": "AdamW eps",
+    "warmup_ratio": "fraction of steps of linear warm-up",
+    "schedule": "cosine, linear or constant", "max_grad_norm": "clip (0: off)",
+    "bf16": "auto (on CUDA), true or false", "gradient_checkpointing": "recompute activations",
+    "fsdp": "under torchrun: FSDP2 for full fine-tuning", "kl_coef": "ASFT KL weight",
+    "otr_k": "OTR samples per position", "otr_beta": "OTR penalty of a wrong sample",
+    "otr_temperature": "OTR sampling temperature", "prompts_per_step": "GRPO prompts per step",
+    "num_generations": "GRPO completions per prompt",
+    "max_completion_length": "GRPO tokens per completion",
+    "sampling_temperature": "GRPO sampling temperature", "beta": "GRPO KL weight (needs a "
+    "reference: the base model)", "eps_low": "GRPO lower clip", "eps_high": "GRPO upper clip",
+    "loss_type": "grpo, bnpo, dr_grpo or dapo", "importance_level": "token or sequence (GSPO)",
+    "scale_rewards": "group, batch or none", "output_dir": "run folder (default runs/<time>)",
+    "seed": "random seed", "log_every": "steps between metric lines",
+    "save_every": "steps between checkpoints (0: only at the end)",
+    "resume_from": "a checkpoint-<step> folder to continue from",
+    "progress": "show a progress bar",
+}
+RENAMED = {"output_dir": "output", "resume_from": "resume"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a TOML file of these options (flags override it)")
+    p.add_argument("--model", help="a local transformers causal LM folder (safetensors)")
+    p.add_argument("--data", help="training data: JSONL or Parquet (prompt/completion or "
+                   "messages; GRPO: prompt and reward columns)")
+    p.add_argument("--eval-data", help="held-out data in the same format (SFT: eval loss)")
+    p.add_argument("--reward", help="GRPO reward function as module:function or file.py:function")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + RENAMED.get(f.name, f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(dest=f.name, default=None, help=f"{HELP.get(f.name, f.name)} (default "
+                  f"{default})")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            p.add_argument(flag, type=type(default), **kw)
+        else:
+            p.add_argument(flag, type=str, **kw)
+
+
+def _parse_value(name: str, value):
+    if name == "adam_betas" and isinstance(value, str):
+        return [float(x) for x in value.split(",")]
+    if name == "target_modules" and isinstance(value, str) and value != "all-linear" \
+            and "," in value:
+        return [x.strip() for x in value.split(",") if x.strip()]
+    return value
+
+
+def config_from_args(args) -> tuple[TrainConfig, dict]:
+    """The TrainConfig (file, then flags) and the run inputs (model, data, eval_data, reward)."""
+    values, inputs = {}, {}
+    if args.config:
+        values = read_toml(args.config)
+        for key in ("model", "data", "eval_data", "reward"):
+            if key in values:
+                inputs[key] = values.pop(key)
+    for f in dataclasses.fields(TrainConfig):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = _parse_value(f.name, v)
+    for key in ("model", "data", "eval_data", "reward"):
+        v = getattr(args, key)
+        if v is not None:
+            inputs[key] = v
+    return TrainConfig.from_dict(values, source=args.config or "flags"), inputs
+
+
+def load_reward(spec: str):
+    check(":" in spec, f"--reward {spec!r}: give module:function or file.py:function")
+    where, name = spec.rsplit(":", 1)
+    if where.endswith(".py"):
+        path = Path(where)
+        check(path.is_file(), f"reward file {path} not found")
+        sp = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(sp)
+        sp.loader.exec_module(mod)
+    else:
+        try:
+            mod = importlib.import_module(where)
+        except ImportError as e:
+            raise FastftError(f"--reward: cannot import {where!r} ({e})") from e
+    fn = getattr(mod, name, None)
+    check(callable(fn), f"--reward: {where} has no function {name!r}")
+    return fn
+
+
+def load_model(path: str):
+    """A local causal LM and its tokenizer; clear errors for a missing folder or weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(path)
+    check(folder.is_dir(), f"model path {folder} not found (a local folder with config.json "
+          "and *.safetensors)")
+    check((folder / "config.json").is_file(), f"{folder} has no config.json: not a transformers "
+          "model folder")
+    check(any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")),
+          f"{folder} has no model weights (*.safetensors)")
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FastftError(f"cannot load the model in {folder}: {str(e).splitlines()[0]}") from e
+    return model, tok
+
+
+def run(args) -> int:
+    from ..demo import run_demo
+    from .trainer import Trainer
+
+    cfg, inputs = config_from_args(args)
+    if not inputs.get("model") and not inputs.get("data") and not args.config:
+        run_demo(cfg.output_dir, seed=cfg.seed)
+        return 0
+    check(bool(inputs.get("model")), "--model PATH is needed (a local transformers causal LM "
+          "folder), or run `fastft train` with no arguments for the embedded demo")
+    check(bool(inputs.get("data")), "--data FILE is needed (JSONL or Parquet)")
+    check(Path(inputs["data"]).is_file(), f"data file {inputs['data']} not found")
+    reward = load_reward(inputs["reward"]) if cfg.objective == "grpo" and inputs.get("reward") \
+        else None
+    check(cfg.objective != "grpo" or reward is not None,
+          "objective grpo needs --reward module:function")
+    model, tok = load_model(inputs["model"])
+    Trainer(model, tok, inputs["data"], cfg, reward_fn=reward,
+            eval_data=inputs.get("eval_data")).train()
+    return 0

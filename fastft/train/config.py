@@ -1,0 +1,129 @@
+"""TrainConfig: every option of a training run, with defaults, checks and TOML loading."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from ..errors import FastftError, check
+
+OBJECTIVES = ("sft", "grpo")
+SFT_LOSSES = ("ce", "dft", "asft", "otr")
+METHODS = ("lora", "lora-sb", "full", "lift", "hft", "ltsft")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    objective: str = "sft"  # sft | grpo
+    loss: str = "ce"  # sft: ce | dft | asft | otr
+    method: str = "lora"  # lora | lora-sb | full | lift | hft | ltsft
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    rslora: bool = False
+    # data
+    max_length: int = 1024
+    truncation: bool = True
+    packing: bool = False
+    completion_only: bool = True
+    skip_invalid: bool = False
+    # optimisation
+    batch_size: int = 8  # sequences (sft) or completions (grpo) per micro-batch and process
+    grad_accum: int = 1
+    max_steps: int = 0  # optimizer steps; 0: ``epochs`` over the data
+    epochs: float = 1.0
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0  # 0: no clipping
+    bf16: str = "auto"  # auto (on CUDA) | true | false
+    gradient_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: FSDP2 fully_shard (full fine-tuning) instead of DDP
+    # losses
+    kl_coef: float = 0.1  # asft
+    otr_k: int = 8
+    otr_beta: float = 0.1
+    otr_temperature: float = 1.0
+    # grpo
+    prompts_per_step: int = 8
+    num_generations: int = 8
+    max_completion_length: int = 64
+    sampling_temperature: float = 1.0
+    beta: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    loss_type: str = "dapo"
+    importance_level: str = "token"
+    scale_rewards: str = "group"
+    # run
+    output_dir: str | None = None
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0  # 0: only at the end
+    resume_from: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> TrainConfig:
+        check(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}; "
+              f"got {self.objective!r}")
+        check(self.loss in SFT_LOSSES, f"loss must be one of {', '.join(SFT_LOSSES)}; got "
+              f"{self.loss!r}")
+        check(self.method in METHODS, f"method must be one of {', '.join(METHODS)}; got "
+              f"{self.method!r}")
+        check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}; got "
+              f"{self.schedule!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "lora_r", "num_generations",
+                     "prompts_per_step", "max_completion_length", "otr_k", "log_every"):
+            v = getattr(self, name)
+            check(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")
+        check(self.max_steps >= 0 and self.save_every >= 0, "max_steps and save_every must be >= 0")
+        check(self.max_steps > 0 or self.epochs > 0, "set max_steps or epochs > 0")
+        check(self.lr > 0, f"lr must be > 0; got {self.lr}")
+        check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
+        check(str(self.bf16).lower() in ("auto", "true", "false"),
+              f"bf16 must be auto, true or false; got {self.bf16!r}")
+        check(len(self.adam_betas) == 2, "adam_betas must be two numbers")
+        return self
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        unknown = sorted(set(values) - set(cls.keys()))
+        if unknown:
+            raise FastftError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: "
+                              f"{', '.join(cls.keys())}")
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise FastftError(f"{source}: {e}") from e
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def read_toml(path: str | Path) -> dict:
+    """The key/value pairs of a TOML config file (clear errors for a missing or bad file)."""
+    p = Path(path)
+    check(p.is_file(), f"config file {p} not found")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise FastftError(f"{p} is not valid TOML: {e}") from e

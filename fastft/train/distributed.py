@@ -1,0 +1,88 @@
+"""Processes and devices: one process, or torchrun with DDP (any method) or FSDP2 (full FT).
+
+Under torchrun (WORLD_SIZE > 1) the process group is nccl on CUDA, gloo on the
+CPU. Each process takes its share of every global batch; losses are divided
+by the global token count times the world size, so that DDP's gradient mean
+gives exactly the single-process gradient of the same global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            t = t.clone()
+            dist.all_reduce(t)
+        return t
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier()
+
+
+def setup() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return Dist(rank=rank, world=world, local_rank=local, device=device)
+
+
+def wrap(module: nn.Module, d: Dist, *, fsdp: bool) -> nn.Module:
+    """DDP around ``module`` (or FSDP2 ``fully_shard`` of each decoder layer and the root)."""
+    if not d.on:
+        return module
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(module):
+            fully_shard(layer)
+        fully_shard(module)
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def decoder_layers(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a causal LM: the children of its first ModuleList."""
+    for m in module.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            return list(m)
+    return []
+
+
+def no_sync(engine: nn.Module, last: bool):
+    """Skip DDP's gradient all-reduce on every micro-batch but the last."""
+    if last or not hasattr(engine, "no_sync"):
+        return contextlib.nullcontext()
+    return engine.no_sync()

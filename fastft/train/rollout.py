@@ -1,0 +1,73 @@
+"""GRPO rollouts: sample completions with the model's own ``generate`` and score them."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..errors import FastftError, check
+from ..losses import group_advantages
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], cfg, device) -> dict:
+    """``num_generations`` sampled completions per prompt, as one left-padded batch."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=True)
+    ids = enc["input_ids"].repeat_interleave(cfg.num_generations, 0).to(device)
+    mask = enc["attention_mask"].repeat_interleave(cfg.num_generations, 0).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                             temperature=cfg.sampling_temperature, top_k=0, top_p=1.0,
+                             max_new_tokens=cfg.max_completion_length,
+                             pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id, use_cache=True)
+    finally:
+        model.train(was_training)
+    P = ids.shape[1]
+    completion = out[:, P:]
+    C = completion.shape[1]
+    # a completion runs up to and including its first EOS; what follows is padding
+    is_eos = completion == tokenizer.eos_token_id
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], C,
+                                                                               dtype=torch.long))
+    cmask = (torch.arange(C, device=device)[None] <= first[:, None]).long()
+    texts = tokenizer.batch_decode(completion.masked_fill(cmask == 0,
+                                                          tokenizer.pad_token_id),
+                                   skip_special_tokens=True)
+    return {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": completion,
+            "completion_mask": cmask, "texts": texts}
+
+
+def score(reward_fn, rows: list[dict], texts: list[str], cfg, device) -> tuple[torch.Tensor,
+                                                                               torch.Tensor]:
+    """(rewards [N], advantages [N]) for the completions of ``rows`` (num_generations each)."""
+    G = cfg.num_generations
+    prompts = [r["prompt"] for r in rows for _ in range(G)]
+    columns = {k: [r.get(k) for r in rows for _ in range(G)]
+               for k in rows[0] if k != "prompt"}
+    params = inspect.signature(reward_fn).parameters
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    extra = columns if takes_all else {k: v for k, v in columns.items() if k in params}
+    try:
+        rewards = reward_fn(prompts, texts, **extra)
+    except Exception as e:
+        raise FastftError(f"the reward function failed: {type(e).__name__}: {e}") from e
+    check(len(rewards) == len(texts), f"the reward function returned {len(rewards)} rewards for "
+          f"{len(texts)} completions")
+    r = torch.tensor([float(x) for x in rewards], device=device)
+    return r, group_advantages(r, G, cfg.scale_rewards)
+
+
+def batch_rows(roll: dict, advantages: torch.Tensor, idx: slice) -> dict:
+    """A micro-batch of completions for CausalLMLoss: prompt + completion, positions, mask."""
+    p_ids, p_mask = roll["prompt_ids"][idx], roll["prompt_mask"][idx]
+    c_ids, c_mask = roll["completion_ids"][idx], roll["completion_mask"][idx]
+    attention = torch.cat([p_mask, c_mask], 1)
+    position = (attention.cumsum(1) - 1).clamp(min=0)
+    return {"input_ids": torch.cat([p_ids, c_ids], 1), "attention_mask": attention,
+            "position_ids": position, "prompt_len": p_ids.shape[1], "completion_ids": c_ids,
+            "completion_mask": c_mask, "advantages": advantages[idx]}

@@ -1,0 +1,415 @@
+"""fastft.Trainer: the training loop, readable top to bottom.
+
+    batches -> hidden states -> fused loss -> backward (x grad_accum) -> clip -> optimizer step
+
+SFT (ce, dft, asft, otr) and GRPO (rollouts with the model's own generate,
+group advantages, the fused GRPO loss) on a model patched by fastft.prepare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .. import methods as _methods
+from ..errors import check
+from ..methods.lora import adapter_layers
+from ..patch import disable_adapters, prepare
+from . import checkpoint, data, distributed, rollout
+from .config import TrainConfig
+from .loss_model import CausalLMLoss
+from .runlog import RunLog, peak_memory_mb, summary_table
+
+
+def make_method(cfg: TrainConfig):
+    if cfg.method == "lora":
+        return _methods.LoRA(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                             target_modules=cfg.target_modules, rslora=cfg.rslora)
+    if cfg.method == "lora-sb":
+        return _methods.LoRASB(r=cfg.lora_r, target_modules=cfg.target_modules)
+    if cfg.method == "full":
+        return _methods.Full()
+    import fastft
+
+    cls = {"lift": "LIFT", "hft": "HFT", "ltsft": "LTSFT"}[cfg.method]
+    check(hasattr(fastft, cls), f"method {cfg.method!r} is not available in this fastft")
+    return getattr(fastft, cls)()
+
+
+def lr_lambda(cfg: TrainConfig, total: int):
+    warm = int(cfg.warmup_ratio * total)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = (step - warm) / max(1, total - warm)
+        return max(0.0, 1.0 - frac) if cfg.schedule == "linear" else \
+            0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+    return f
+
+
+class Trainer:
+    def __init__(self, model, tokenizer, train_data, config: TrainConfig, *, reward_fn=None,
+                 eval_data=None):
+        self.cfg = cfg = config.validate()
+        check(cfg.objective != "grpo" or callable(reward_fn),
+              "objective 'grpo' needs reward_fn(prompts, completions, **columns) -> rewards")
+        self.dist = distributed.setup()
+        self.device = self.dist.device
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.reward_fn = reward_fn
+        self.model = model.to(self.device)
+        if not hasattr(model, "_fastft"):
+            prepare(model, make_method(cfg))
+        self.method = model._fastft.method
+        if cfg.gradient_checkpointing:
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+        self.autocast = self.device.type == "cuda" and str(cfg.bf16).lower() != "false"
+        self.loss_model = CausalLMLoss(model, cfg)
+        self.ref_model = self._reference_model()
+        self.rows, skipped = self._load(train_data, "data")
+        self.eval_rows = self._load(eval_data, "eval_data")[0] if eval_data is not None else None
+        self.skipped = skipped
+        self.global_batch = (cfg.prompts_per_step if cfg.objective == "grpo"
+                             else cfg.batch_size * cfg.grad_accum) * self.dist.world
+        self.total_steps = cfg.max_steps or max(1, math.ceil(
+            cfg.epochs * len(self.rows) / self.global_batch))
+        self.fsdp = self._fsdp()
+        self.engine = distributed.wrap(self.loss_model, self.dist, fsdp=self.fsdp)
+        if cfg.resume_from and hasattr(self.method, "load_state_dict"):
+            # first: the method's state decides which optimizer it makes (LT-SFT's phase)
+            self.method.load_state_dict(checkpoint.load_method_state(cfg.resume_from))
+        self.optimizer = self._optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lr_lambda(cfg, self.total_steps))
+        self.out = Path(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.objective}")
+        self.state = {"step": 0, "position": 0, "phase": 0, "epoch": -1}
+        if cfg.resume_from:
+            self.state = checkpoint.load_checkpoint(
+                cfg.resume_from, model=self.model, optimizer=self.optimizer,
+                scheduler=self.scheduler, method=self.method,
+                sharded_root=self.engine if self.fsdp else None)["state"]
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _fsdp(self) -> bool:
+        check(not self.cfg.fsdp or self.cfg.method == "full",
+              "fsdp=true shards full fine-tuning; adapters and sparse methods train under DDP")
+        return self.dist.on and self.cfg.fsdp
+
+    def _load(self, source, name):
+        recs = data.read_records(source, name)
+        if self.cfg.objective == "grpo":
+            rows, skipped = data.read_prompts(recs, self.cfg.skip_invalid)
+        else:
+            rows, skipped = data.tokenize_sft(
+                recs, self.tokenizer, max_length=self.cfg.max_length,
+                truncation=self.cfg.truncation, completion_only=self.cfg.completion_only,
+                skip_invalid=self.cfg.skip_invalid)
+        if skipped and self.dist.main:
+            print(f"fastft: skipped {skipped} invalid record(s) of {name} (skip_invalid)")
+        return rows, skipped
+
+    def _reference_model(self):
+        """The frozen reference policy: the base model (adapters off), or a frozen copy."""
+        cfg = self.cfg
+        need = cfg.loss == "asft" if cfg.objective == "sft" else cfg.beta > 0
+        if not need or adapter_layers(self.model):
+            return None
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return CausalLMLoss(ref, cfg)
+
+    def _optimizer(self):
+        cfg = self.cfg
+        opt = None
+        if hasattr(self.method, "make_optimizer"):
+            opt = self.method.make_optimizer(self.model, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        if opt is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            check(bool(params), "no parameter of the model is trainable")
+            fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point()
+                        for p in params)
+            opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                    eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
+        if hasattr(opt, "attach_hooks"):
+            opt.attach_hooks()
+        return opt
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg, d = self.cfg, self.dist
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        log = RunLog(self.out, self.total_steps, enabled=d.main, progress=cfg.progress,
+                     title=f"{cfg.objective}/{cfg.loss if cfg.objective == 'sft' else cfg.loss_type}")
+        self._initialize_method()
+        phases = self.method.phases() if hasattr(self.method, "phases") else ["train"]
+        t0, tokens, last = time.perf_counter(), 0, {}
+        try:
+            for p in range(self.state["phase"], len(phases)):
+                if self.state["step"] == 0 and hasattr(self.method, "on_phase_begin"):
+                    new = self.method.on_phase_begin(self.model, self.optimizer, phases[p])
+                    if new is not None:
+                        self._replace_optimizer(new)
+                while self.state["step"] < self.total_steps:
+                    step = self.state["step"] + 1
+                    metrics, n_tok = self._grpo_step() if cfg.objective == "grpo" \
+                        else self._sft_step()
+                    norm = self._clip()
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.state["step"] = step
+                    if hasattr(self.method, "on_step_end"):
+                        self.method.on_step_end(self.model, self.optimizer, step)
+                    tokens += n_tok
+                    if step % cfg.log_every == 0 or step == self.total_steps:
+                        last = self._record(step, metrics, norm, tokens, t0, phases[p])
+                        log.step(step, last)
+                    if cfg.save_every and step % cfg.save_every == 0 and step < self.total_steps:
+                        self.save()
+                if p + 1 < len(phases):  # the next phase runs the whole schedule again
+                    self.state.update(step=0, phase=p + 1)
+                    self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                        self.optimizer, lr_lambda(cfg, self.total_steps))
+        finally:
+            log.close()
+        ckpt = self.save()
+        summary = {"steps": self.state["step"], "final_loss": last.get("loss"),
+                   "tokens_per_s": last.get("tokens_per_s"),
+                   "wall_seconds": round(time.perf_counter() - t0, 1),
+                   "peak_memory_mb": round(peak_memory_mb(self.device), 1),
+                   "checkpoint": str(ckpt)}
+        if cfg.objective == "grpo":
+            summary["reward_mean"] = last.get("reward_mean")
+        if self.eval_rows is not None and cfg.objective == "sft":
+            summary["eval_loss"] = self.evaluate()
+        if d.main:
+            print(summary_table(f"fastft {cfg.objective} ({cfg.method}) in {self.out}", summary))
+        return summary
+
+    def _sft_step(self):
+        """One optimizer step's worth of micro-batches: forward, loss, backward."""
+        cfg, d = self.cfg, self.dist
+        micro = self._next_sft_batches()
+        n_items = d.all_sum(sum((b["labels"][:, 1:] != -100).sum() for b in micro)
+                            .float().to(self.device)) / d.world
+        total = torch.zeros((), device=self.device)
+        for m, batch in enumerate(micro):
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            ref_hidden = self._ref_hidden(batch) if cfg.loss == "asft" else None
+            seed = (cfg.seed * 1_000_003 + self.state["step"] * 1009 + m * 31 + d.rank) % 2**62
+            with distributed.no_sync(self.engine, m == len(micro) - 1), self._autocast():
+                loss, _ = self.engine(batch, num_items=n_items, seed=seed, ref_hidden=ref_hidden)
+                loss.backward()
+            total += loss.detach()
+        n_tok = sum(int(b["input_ids"].numel()) for b in micro) * d.world
+        return {"loss": d.all_sum(total) / d.world}, n_tok
+
+    def _grpo_step(self):
+        """Sample completions, score them, and one update on the group-relative advantages."""
+        cfg, d = self.cfg, self.dist
+        rows = self._next_prompts()
+        roll = rollout.generate(self.model, self.tokenizer, [r["prompt"] for r in rows], cfg,
+                                self.device)
+        rewards, adv = rollout.score(self.reward_fn, rows, roll["texts"], cfg, self.device)
+        N = rewards.shape[0]
+        n_items = d.all_sum(roll["completion_mask"].sum().float()) / d.world
+        chunks = [slice(i, min(N, i + cfg.batch_size)) for i in range(0, N, cfg.batch_size)]
+        total = torch.zeros((), device=self.device)
+        stats = torch.zeros(4, device=self.device)
+        for m, idx in enumerate(chunks):
+            batch = rollout.batch_rows(roll, adv, idx)
+            if cfg.beta > 0:
+                batch["ref_logps"] = self._ref_logps(batch)
+            with distributed.no_sync(self.engine, m == len(chunks) - 1), self._autocast():
+                loss, met = self.engine(batch, num_items=n_items)
+                loss.backward()
+            total += loss.detach()
+            w = batch["completion_mask"].sum()
+            stats += torch.stack([met["kl"], met["clip_low"], met["clip_high"],
+                                  met["ratio"]]) * w
+        stats = d.all_sum(stats) / d.all_sum(roll["completion_mask"].sum().float()).clamp(min=1)
+        all_r = d.all_sum(torch.stack([rewards.sum(), (rewards ** 2).sum(),
+                                       torch.tensor(float(N), device=self.device),
+                                       roll["completion_mask"].sum().float()]))
+        mean = all_r[0] / all_r[2]
+        metrics = {"loss": d.all_sum(total) / d.world, "reward_mean": mean,
+                   "reward_std": (all_r[1] / all_r[2] - mean**2).clamp(min=0).sqrt(),
+                   "kl": stats[0], "clip_low": stats[1], "clip_high": stats[2],
+                   "ratio": stats[3], "completion_length": all_r[3] / all_r[2]}
+        n_tok = int(roll["prompt_ids"].numel() + roll["completion_ids"].numel()) * d.world
+        return metrics, n_tok
+
+    # ---- pieces of a step ---------------------------------------------------------------
+
+    def _take(self, n: int) -> list[int]:
+        """The next ``n`` indices of the stream of per-epoch permutations (exactly resumable)."""
+        N, out = len(self.rows), []
+        while len(out) < n:
+            pos = self.state["position"]
+            epoch, at = divmod(pos, N)
+            if epoch != self.state["epoch"]:
+                self.state["epoch"] = epoch
+                if hasattr(self.method, "on_epoch_begin"):
+                    self.method.on_epoch_begin(self.model, self.optimizer, epoch)
+            perm = torch.randperm(N, generator=torch.Generator().manual_seed(
+                self.cfg.seed * 7919 + epoch))
+            k = min(n - len(out), N - at)
+            out += perm[at:at + k].tolist()
+            self.state["position"] = pos + k
+        return out
+
+    def _next_sft_batches(self) -> list[dict]:
+        cfg, d = self.cfg, self.dist
+        idx = self._take(self.global_batch)
+        mine = idx[d.rank::d.world]
+        pad = self.tokenizer.pad_token_id
+        micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+        if cfg.packing:
+            return [data.collate_packed([self.rows[j] for j in mb], pad, cfg.max_length)
+                    for mb in micro]
+        return [data.collate([self.rows[j] for j in mb], pad) for mb in micro]
+
+    def _next_prompts(self) -> list[dict]:
+        idx = self._take(self.global_batch)
+        return [self.rows[j] for j in idx[self.dist.rank::self.dist.world]]
+
+    @torch.no_grad()
+    def _ref_hidden(self, batch):
+        if self.ref_model is not None:
+            return self.ref_model.hidden(batch)
+        with disable_adapters(self.model), self._autocast():
+            return self.loss_model.hidden(batch)
+
+    @torch.no_grad()
+    def _ref_logps(self, batch):
+        if self.ref_model is not None:
+            return self.ref_model.logprobs(batch)
+        with disable_adapters(self.model), self._autocast():
+            return self.loss_model.logprobs(batch)
+
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _clip(self) -> torch.Tensor:
+        cfg, opt = self.cfg, self.optimizer
+        if hasattr(opt, "grad_norm_sq"):  # sparse optimizer: gradients live in compact buffers
+            norm = opt.grad_norm_sq().sqrt()
+            if cfg.max_grad_norm > 0:
+                opt.scale_grads_((cfg.max_grad_norm / (norm + 1e-6)).clamp(max=1.0))
+            return norm
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        return torch.nn.utils.clip_grad_norm_(
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+
+    def _record(self, step, metrics, norm, tokens, t0, phase) -> dict:
+        rec = {"step": step, "lr": self.scheduler.get_last_lr()[0],
+               "grad_norm": float(norm), "epoch": self.state["epoch"],
+               "tokens_per_s": round(tokens / max(time.perf_counter() - t0, 1e-9), 1),
+               "peak_memory_mb": round(peak_memory_mb(self.device), 1)}
+        rec.update({k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                    for k, v in metrics.items()})
+        if phase != "train":
+            rec["phase"] = phase
+        return rec
+
+    def _initialize_method(self) -> None:
+        """LoRA-SB needs its adapters from the first gradients before training."""
+        layers = adapter_layers(self.model)
+        if not any(getattr(m, "initialized", True) is False for m in layers.values()):
+            return
+        check(self.cfg.objective == "sft", "LoRA-SB initialisation needs SFT data (labels)")
+        n = getattr(self.method, "n_init", 50)
+        batches, seen = [], 0
+        for i in range(0, min(n, len(self.rows)), self.cfg.batch_size):
+            b = data.collate(self.rows[i:i + self.cfg.batch_size], self.tokenizer.pad_token_id)
+            batches.append({k: v.to(self.device) for k, v in b.items()})
+            seen += b["input_ids"].shape[0]
+        from ..methods import lora_sb
+
+        lora_sb.initialize(self.model, batches, total_steps=self.total_steps, lr=self.cfg.lr,
+                           n_init=min(n, seen), seed=self.cfg.seed)
+
+    def _replace_optimizer(self, new) -> None:
+        if hasattr(new, "attach_hooks"):
+            new.attach_hooks()
+        self.optimizer = new
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(new, lr_lambda(self.cfg,
+                                                                          self.total_steps))
+
+    # ---- saving and evaluation ----------------------------------------------------------
+
+    def save(self) -> Path | None:
+        d = self.dist
+        model_state = optim_state = None
+        if self.fsdp:  # every process takes part in gathering the full state dicts
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(self.engine, options=opts)
+            model_state = {k.removeprefix("model."): v for k, v in full.items()}
+            optim_state = get_optimizer_state_dict(self.engine, self.optimizer, options=opts)
+        path = None
+        if d.main:
+            method_state = self.method.state_dict() if hasattr(self.method, "state_dict") else {}
+            path = checkpoint.save_checkpoint(
+                self.out, self.state["step"], model=self.model, optimizer=self.optimizer,
+                scheduler=self.scheduler, method_state=method_state,
+                trainer_state={"state": self.state, "config": self.cfg.to_dict()},
+                model_state=model_state, optimizer_state=optim_state)
+        d.barrier()
+        return path
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token cross-entropy on ``eval_data`` (SFT)."""
+        from .. import losses
+        from ..patch import output_head
+
+        check(self.eval_rows is not None, "no eval_data")
+        was = self.model.training
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        count = torch.zeros((), device=self.device)
+        for i in range(0, len(self.eval_rows), self.cfg.batch_size):
+            b = data.collate(self.eval_rows[i:i + self.cfg.batch_size],
+                             self.tokenizer.pad_token_id)
+            b = {k: v.to(self.device) for k, v in b.items()}
+            labels = torch.nn.functional.pad(b["labels"], (0, 1), value=-100)[:, 1:]
+            with self._autocast():
+                h = self.loss_model.hidden(b)
+                total += losses.cross_entropy(h, output_head(self.model).weight, labels,
+                                              reduction="sum")
+            count += (labels != -100).sum()
+        self.model.train(was)
+        return float(total / count.clamp(min=1))
+
