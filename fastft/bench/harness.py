@@ -159,6 +159,8 @@ def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = Fals
     """Run the cases of a suite (those of ``ops`` when given); write results.json and
     results.md to ``out_dir``."""
     cases = _suite(name).cases(device, quick=quick)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, case in enumerate(cases):
         if ops and case.op not in ops:
@@ -168,19 +170,28 @@ def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = Fals
             echo(f"skip {case.op}/{case.provider}: {why}")
             continue
         echo(f"run  {case.op}/{case.provider} {case.params} {case.dtype}")
-        row = _run_in_subprocess(name, i, device, quick) if device == "cpu" else measure(case, device)
+        try:
+            row = _run_in_subprocess(name, i, device, quick) if device == "cpu" \
+                else measure(case, device)
+        except Exception as e:  # one failing case (a peer, out of memory) must not end the suite
+            echo(f"FAIL {case.op}/{case.provider}: {type(e).__name__}: {str(e)[-500:]}")
+            continue
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
         rows.append(row)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    old = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else []
-    keep = [r for r in old if not any(_same(r, n) for n in rows)]
-    (out / "results.json").write_text(json.dumps(keep + rows, indent=1))
-    table = markdown(rows)
-    (out / "results.md").write_text(table + "\n")
-    echo(table)
+        _store(out, [row])  # after every case: a run cut short keeps what it measured
+    echo(markdown(rows))
     return rows
+
+
+def _store(out: Path, rows: list[dict]) -> None:
+    """Merge rows into out/results.json (replacing same cases) and redraw out/results.md."""
+    path = out / "results.json"
+    old = json.loads(path.read_text()) if path.exists() else []
+    merged = [r for r in old if not any(_same(r, n) for n in rows)] + rows
+    path.write_text(json.dumps(merged, indent=1))
+    (out / "results.md").write_text(markdown(merged) + "\n")
 
 
 def _same(a: dict, b: dict) -> bool:

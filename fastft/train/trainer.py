@@ -217,7 +217,7 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            ref_hidden = self._ref_hidden(batch) if cfg.loss == "asft" else None
+            ref_hidden = self._reference("hidden", batch) if cfg.loss == "asft" else None
             seed = (cfg.seed * 1_000_003 + self.state["step"] * 1009 + m * 31 + d.rank) % 2**62
             with distributed.no_sync(self.engine, m == len(micro) - 1), self._autocast():
                 loss, _ = self.engine(batch, num_items=n_items, seed=seed, ref_hidden=ref_hidden)
@@ -241,7 +241,7 @@ class Trainer:
         for m, idx in enumerate(chunks):
             batch = rollout.batch_rows(roll, adv, idx)
             if cfg.beta > 0:
-                batch["ref_logps"] = self._ref_logps(batch)
+                batch["ref_logps"] = self._reference("logprobs", batch)
             with distributed.no_sync(self.engine, m == len(chunks) - 1), self._autocast():
                 loss, met = self.engine(batch, num_items=n_items)
                 loss.backward()
@@ -296,18 +296,12 @@ class Trainer:
         return [self.rows[j] for j in idx[self.dist.rank::self.dist.world]]
 
     @torch.no_grad()
-    def _ref_hidden(self, batch):
+    def _reference(self, what: str, batch):
+        """``hidden`` or ``logprobs`` of the reference policy: a frozen copy, or adapters off."""
         if self.ref_model is not None:
-            return self.ref_model.hidden(batch)
+            return getattr(self.ref_model, what)(batch)
         with disable_adapters(self.model), self._autocast():
-            return self.loss_model.hidden(batch)
-
-    @torch.no_grad()
-    def _ref_logps(self, batch):
-        if self.ref_model is not None:
-            return self.ref_model.logprobs(batch)
-        with disable_adapters(self.model), self._autocast():
-            return self.loss_model.logprobs(batch)
+            return getattr(self.loss_model, what)(batch)
 
     def _autocast(self):
         if self.autocast:

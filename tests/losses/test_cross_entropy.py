@@ -6,42 +6,14 @@ import torch
 import fastft
 from fastft.reference import losses as ref
 
-from ..helpers import assert_close
+from ..helpers import RTOL, assert_close, check_pair, grads_of, head_inputs
 
-RTOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
-
-
-def make(T, H, V, dtype=torch.float32, ignore_every=0, seed=0, lead=None, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    shape = lead if lead is not None else (T,)
-    h = torch.randn(*shape, H, generator=g).to(device, dtype).requires_grad_()
-    w = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(device, dtype).requires_grad_()
-    y = torch.randint(0, V, shape, generator=g)
-    if ignore_every:
-        y.view(-1)[::ignore_every] = -100
-    return h, w, y.to(device)
-
-
-def grads(loss, h, w, upstream=None):
-    if upstream is None:
-        upstream = torch.randn_like(loss) if loss.dim() else torch.full_like(loss, 1.3)
-    return torch.autograd.grad(loss, (h, w), upstream)
+make = head_inputs
+grads = grads_of
 
 
 def check(h, w, y, rtol, **kw):
-    up = None
-    out = fastft.losses.cross_entropy(h, w, y, **kw)
-    expect = ref.cross_entropy(h, w, y, **kw)
-    if out.dim():
-        up = torch.randn_like(out)
-    gh, gw = grads(out, h, w, up)
-    eh, ew = grads(expect, h, w, up)
-    assert out.dtype == torch.float32 and out.shape == expect.shape
-    assert gh.dtype == h.dtype and gw.dtype == w.dtype
-    assert_close(out, expect, rtol, "loss")
-    assert_close(gh, eh, rtol, "grad_hidden")
-    assert_close(gw, ew, rtol, "grad_weight")
-    return out, gh, gw
+    return check_pair(fastft.losses.cross_entropy, ref.cross_entropy, h, w, rtol, y, **kw)
 
 
 @pytest.mark.interpreter
@@ -83,7 +55,7 @@ def test_all_rows_ignored_gives_zero_not_nan(backend, device, reduction):
     h, w, y = make(9, 16, 100, device=device)
     y[:] = -100
     out = fastft.losses.cross_entropy(h, w, y, reduction=reduction)
-    gh, gw = grads(out, h, w)
+    gh, gw = grads(out, (h, w))
     assert torch.all(out == 0)
     assert torch.all(gh == 0) and torch.all(gw == 0)
 
@@ -92,13 +64,13 @@ def test_all_rows_ignored_gives_zero_not_nan(backend, device, reduction):
 def test_gradient_accumulation_equals_full_batch(backend, device):
     h, w, y = make(40, 16, 211, ignore_every=3, seed=3, device=device)
     full = fastft.losses.cross_entropy(h, w, y)
-    gh, gw = grads(full, h, w, torch.ones_like(full))
+    gh, gw = grads(full, (h, w), torch.ones_like(full))
     n = (y != -100).sum()
     parts = [fastft.losses.cross_entropy(h[a:b], w, y[a:b], num_items_in_batch=n)
              for a, b in ((0, 17), (17, 40))]
     acc_h, acc_w = torch.zeros_like(h), torch.zeros_like(w)
     for p in parts:
-        ph, pw = grads(p, h, w, torch.ones_like(p))
+        ph, pw = grads(p, (h, w), torch.ones_like(p))
         acc_h += ph
         acc_w += pw
     assert_close(sum(parts), full, 1e-5, "loss")
