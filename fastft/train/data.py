@@ -150,12 +150,15 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def collate_packed(examples: list[dict], pad_id: int, max_length: int) -> dict[str, torch.Tensor]:
+def collate_packed(examples: list[dict], pad_id: int, max_length: int,
+                   varlen: bool = False) -> dict[str, torch.Tensor]:
     """Examples packed into rows of at most ``max_length`` tokens with no padding between them.
 
-    position_ids restart at each example; ``attention_mask`` is a [B, 1, S, S] boolean
-    block-diagonal causal mask, so examples never attend to each other (SDPA); with
-    flash-attn installed the model can read the example boundaries from position_ids.
+    position_ids restart at each example. With ``varlen`` (a model running
+    flash-attn) there is no attention mask: flash-attn's varlen kernel reads the
+    example boundaries from position_ids. Otherwise ``attention_mask`` is a
+    [B, 1, S, S] boolean block-diagonal causal mask, so that examples never
+    attend to each other (SDPA, eager).
     """
     rows, cur = [], []
     for e in examples:
@@ -181,6 +184,8 @@ def collate_packed(examples: list[dict], pad_id: int, max_length: int) -> dict[s
             pos[b, at:at + k] = torch.arange(k)
             seg[b, at:at + k] = j
             at += k
+    if varlen:
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
     same = seg[:, :, None] == seg[:, None, :]
     causal = torch.ones(S, S, dtype=torch.bool).tril()
     mask = (same & causal & (seg[:, :, None] >= 0))[:, None]

@@ -287,7 +287,9 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
         if cfg.packing:
-            return [data.collate_packed([self.rows[j] for j in mb], pad, cfg.max_length)
+            varlen = "flash_attention" in str(getattr(self.model.config, "_attn_implementation",
+                                                      ""))
+            return [data.collate_packed([self.rows[j] for j in mb], pad, cfg.max_length, varlen)
                     for mb in micro]
         return [data.collate([self.rows[j] for j in mb], pad) for mb in micro]
 

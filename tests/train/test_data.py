@@ -99,3 +99,20 @@ def test_packed_batch_gives_the_same_loss_as_padded():
     with torch.no_grad():
         torch.testing.assert_close(loss(packed), loss(padded), rtol=1e-5, atol=1e-5)
     assert packed["position_ids"][0].tolist()[:7] == list(range(7))
+
+
+def test_parquet_and_datasets_sources(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "12+34=", "completion": "64 46"}, {"prompt": "1+2=", "completion": "3 3"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    from_parquet, _ = sft(tmp_path / "d.parquet")
+    datasets = pytest.importorskip("datasets")
+    from_ds, _ = data.tokenize_sft(data.read_records(datasets.Dataset.from_list(rows)), tok(),
+                                   max_length=32, truncation=True, completion_only=True,
+                                   skip_invalid=False)
+    assert from_parquet == from_ds and len(from_ds) == 2
+    with pytest.raises(FastftError, match=r"d.parquet row 2: field 'completion' must be a string"):
+        pq.write_table(pa.Table.from_pylist([rows[0], {"prompt": "x"}]), tmp_path / "d.parquet")
+        sft(tmp_path / "d.parquet")
