@@ -36,7 +36,7 @@ def chunk_rows(T: int, V: int, H: int) -> int:
 class Head:
     """The output head W prepared for the chunk GEMMs of one call."""
 
-    def __init__(self, weight: torch.Tensor, hidden_dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor):
         self.weight = weight.contiguous()
         self.mixed = gemm.mixed_ok(self.weight)
         # On the CPU (and GPUs without fp32-output half GEMMs) everything runs in fp32.
@@ -90,11 +90,11 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
     hidden = hidden.contiguous()
     T, H = hidden.shape
     V = weight.shape[0]
-    head = Head(weight, hidden.dtype)
+    head = Head(weight)
     ref_head = None
     if ref is not None:
         ref_hidden = ref[0].contiguous()
-        ref_head = head if ref[1] is weight else Head(ref[1], ref_hidden.dtype)
+        ref_head = head if ref[1] is weight else Head(ref[1])
     row_loss = torch.empty(T, device=hidden.device, dtype=torch.float32)
     grad_h = torch.empty_like(hidden) if need_grad_hidden else None
     acc_w = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if need_grad_weight \
