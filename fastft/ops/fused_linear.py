@@ -37,15 +37,10 @@ class Head:
     """The output head W prepared for the chunk GEMMs of one call."""
 
     def __init__(self, weight: torch.Tensor):
-        self.weight = weight.contiguous()
-        self.mixed = gemm.mixed_ok(self.weight)
-        # On the CPU (and GPUs without fp32-output half GEMMs) everything runs in fp32.
-        if weight.is_cuda:
-            self.w = self.weight
-        else:
-            self.w = self.weight.float()
-        self.logits_dtype = torch.float32 if (self.mixed or self.w.dtype == torch.float32) \
-            else self.w.dtype
+        weight = weight.contiguous()
+        self.mixed = gemm.mixed_ok(weight)
+        # On the CPU everything runs in fp32 (a bf16/fp16 head is upcast once per call).
+        self.w = weight if weight.is_cuda else weight.float()
         self.grad_dtype = self.w.dtype  # dtype of dz for the backward GEMMs
 
     def logits(self, h_c: torch.Tensor) -> torch.Tensor:
@@ -61,6 +56,28 @@ class Head:
 
     def accumulate_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor):
         gemm.addmm_f32_(acc, dz.t(), h_c)
+
+
+def row_scale(labels: torch.Tensor, ignore_index: int, normalizer: torch.Tensor,
+              row_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, scale): the unmasked rows, and each row's weight / normaliser (0 where masked)."""
+    mask = labels != ignore_index
+    scale = mask.float() / normalizer.float()
+    return mask, scale if row_weights is None else scale * row_weights.float()
+
+
+def op_outputs(hidden: torch.Tensor, row_loss, grad_h, grad_w) -> tuple:
+    """(row_loss, grad_h, grad_w) as a custom op returns them: a gradient not formed is empty."""
+    return (row_loss, hidden.new_empty(0) if grad_h is None else grad_h,
+            hidden.new_empty(0) if grad_w is None else grad_w)
+
+
+def fake_outputs(hidden: torch.Tensor, weight: torch.Tensor, need_grad_hidden: bool,
+                 need_grad_weight: bool) -> tuple:
+    """The shapes of :func:`op_outputs`, for the ops' fake implementations."""
+    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0))
 
 
 @dataclass

@@ -70,10 +70,7 @@ def linear_cross_entropy(
     """(row_loss [T] fp32, grad_hidden [T, H] or [0], grad_weight [V, H] or [0])."""
     backend = backends.choose(INFO, hidden.device)
     V = weight.shape[0]
-    mask = labels != ignore_index
-    scale = mask.float() / normalizer.float()
-    if row_weights is not None:
-        scale = scale * row_weights.float()
+    mask, scale = fused_linear.row_scale(labels, ignore_index, normalizer, row_weights)
     ref = None
     if ref_hidden is not None:
         ref = (ref_hidden, weight if ref_weight is None else ref_weight)
@@ -84,17 +81,14 @@ def linear_cross_entropy(
         rows=row_backends.get(backend), softcap=softcap, temperature=temperature,
         want_sum=label_smoothing > 0, ref=ref, need_grad_hidden=need_grad_hidden,
         need_grad_weight=need_grad_weight)
-    return (rows, hidden.new_empty(0) if gh is None else gh,
-            hidden.new_empty(0) if gw is None else gw)
+    return fused_linear.op_outputs(hidden, rows, gh, gw)
 
 
 @linear_cross_entropy.register_fake
 def _(hidden, weight, labels, row_weights, normalizer, ignore_index, label_smoothing, z_loss,
       softcap, temperature, dft, ref_hidden, ref_weight, kl_coef, need_grad_hidden,
       need_grad_weight):
-    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
-            torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0))
+    return fused_linear.fake_outputs(hidden, weight, need_grad_hidden, need_grad_weight)
 
 
 fused_autograd.register(linear_cross_entropy, row_weights=3, need_hidden=14, need_weight=15)

@@ -134,8 +134,7 @@ def linear_grpo(
         hidden, weight, idx=tokens.unsqueeze(1), coeffs=coeffs, rows=rows_be, softcap=softcap,
         temperature=temperature, want_entropy=want_entropy, need_grad_hidden=need_grad_hidden,
         need_grad_weight=need_grad_weight)
-    return (rows, hidden.new_empty(0) if gh is None else gh,
-            hidden.new_empty(0) if gw is None else gw, metrics)
+    return (*fused_linear.op_outputs(hidden, rows, gh, gw), metrics)
 
 
 @linear_grpo.register_fake
@@ -143,9 +142,7 @@ def _(hidden, weight, tokens, advantages, mask, row_scale, old_logps, ref_logps,
       eps_low, eps_high, delta, sequence_level, softcap, temperature, want_entropy,
       need_grad_hidden, need_grad_weight):
     T = hidden.shape[0]
-    return (hidden.new_empty(T, dtype=torch.float32),
-            torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0),
+    return (*fused_linear.fake_outputs(hidden, weight, need_grad_hidden, need_grad_weight),
             hidden.new_empty(T, len(METRICS), dtype=torch.float32))
 
 

@@ -39,10 +39,7 @@ def linear_otr(
     """(row_loss [T], grad_hidden or [0], grad_weight or [0], samples [T, k] int64)."""
     backend = backends.choose(INFO, hidden.device)
     rows_be = row_backends.get(backend)
-    mask = labels != ignore_index
-    scale = mask.float() / normalizer.float()
-    if row_weights is not None:
-        scale = scale * row_weights.float()
+    mask, scale = fused_linear.row_scale(labels, ignore_index, normalizer, row_weights)
     target = torch.where(mask, labels, -1).unsqueeze(1)
     drawn = torch.empty(hidden.shape[0], k, device=hidden.device, dtype=torch.int64) \
         if samples is None else samples.contiguous()
@@ -73,18 +70,15 @@ def linear_otr(
         hidden, weight, idx=idx, coeffs=coeffs, rows=rows_be, softcap=softcap,
         temperature=temperature, need_grad_hidden=need_grad_hidden,
         need_grad_weight=need_grad_weight)
-    return (rows, hidden.new_empty(0) if gh is None else gh,
-            hidden.new_empty(0) if gw is None else gw, drawn.clone() if samples is not None
-            else drawn)
+    return (*fused_linear.op_outputs(hidden, rows, gh, gw),
+            drawn.clone() if samples is not None else drawn)
 
 
 @linear_otr.register_fake
 def _(hidden, weight, labels, row_weights, normalizer, samples, ignore_index, k, beta,
       include_target, seed, softcap, temperature, need_grad_hidden, need_grad_weight):
     T = hidden.shape[0]
-    return (hidden.new_empty(T, dtype=torch.float32),
-            torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0),
+    return (*fused_linear.fake_outputs(hidden, weight, need_grad_hidden, need_grad_weight),
             hidden.new_empty(T, k, dtype=torch.int64))
 
 
