@@ -154,9 +154,10 @@ def load_method_state(path: str | Path) -> dict:
     return load_state(folder, "method")
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, method,
+def load_checkpoint(path: str | Path, *, model, optimizer, scheduler,
                     sharded_root=None) -> dict:
-    """Restore everything ``save_checkpoint`` wrote; returns the trainer state.
+    """Restore what ``save_checkpoint`` wrote but the method's state (``load_method_state``,
+    read first: it decides which optimizer the method makes); returns the trainer state.
 
     ``sharded_root``: the FSDP2-sharded module that holds ``model`` as ``.model``; the
     full state dicts in the folder are then loaded into the shards.
@@ -187,7 +188,5 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, method,
     else:
         optimizer.load_state_dict(load_state(folder, "optimizer"))
     scheduler.load_state_dict(load_state(folder, "scheduler"))
-    if hasattr(method, "load_state_dict"):
-        method.load_state_dict(load_state(folder, "method"))  # again: the optimizer may touch it
     set_rng_state(load_state(folder, "rng"))
     return json.loads((folder / "trainer_state.json").read_text())

@@ -82,9 +82,9 @@ class Trainer:
         self.autocast = self.device.type == "cuda" and str(cfg.bf16).lower() != "false"
         self.loss_model = CausalLMLoss(model, cfg)
         self.ref_model = self._reference_model()
-        self.rows, skipped = self._load(train_data, "data")
-        self.eval_rows = self._load(eval_data, "eval_data")[0] if eval_data is not None else None
-        self.skipped = skipped
+        self.rows = self._load(train_data, "data")
+        self._perm = (None, None)  # (epoch, its permutation of the rows)
+        self.eval_rows = self._load(eval_data, "eval_data") if eval_data is not None else None
         self.global_batch = (cfg.prompts_per_step if cfg.objective == "grpo"
                              else cfg.batch_size * cfg.grad_accum) * self.dist.world
         self.total_steps = cfg.max_steps or max(1, math.ceil(
@@ -95,15 +95,13 @@ class Trainer:
             # first: the method's state decides which optimizer it makes (LT-SFT's phase)
             self.method.load_state_dict(checkpoint.load_method_state(cfg.resume_from))
         self.optimizer = self._optimizer()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lr_lambda(cfg, self.total_steps))
+        self.scheduler = self._schedule()
         self.out = Path(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.objective}")
         self.state = {"step": 0, "position": 0, "phase": 0, "epoch": -1}
         if cfg.resume_from:
             self.state = checkpoint.load_checkpoint(
                 cfg.resume_from, model=self.model, optimizer=self.optimizer,
-                scheduler=self.scheduler, method=self.method,
-                sharded_root=self.engine if self.fsdp else None)["state"]
+                scheduler=self.scheduler, sharded_root=self.engine if self.fsdp else None)["state"]
 
     # ---- set-up -------------------------------------------------------------------------
 
@@ -123,7 +121,7 @@ class Trainer:
                 skip_invalid=self.cfg.skip_invalid)
         if skipped and self.dist.main:
             print(f"fastft: skipped {skipped} invalid record(s) of {name} (skip_invalid)")
-        return rows, skipped
+        return rows
 
     def _reference_model(self):
         """The frozen reference policy: the base model (adapters off), or a frozen copy."""
@@ -190,8 +188,7 @@ class Trainer:
                         self.save()
                 if p + 1 < len(phases):  # the next phase runs the whole schedule again
                     self.state.update(step=0, phase=p + 1)
-                    self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                        self.optimizer, lr_lambda(cfg, self.total_steps))
+                    self.scheduler = self._schedule()
         finally:
             log.close()
         ckpt = self.save()
@@ -234,7 +231,8 @@ class Trainer:
                                 self.device)
         rewards, adv = rollout.score(self.reward_fn, rows, roll["texts"], cfg, self.device)
         N = rewards.shape[0]
-        n_items = d.all_sum(roll["completion_mask"].sum().float()) / d.world
+        n_completion = d.all_sum(roll["completion_mask"].sum().float())  # all processes
+        n_items = n_completion / d.world
         chunks = [slice(i, min(N, i + cfg.batch_size)) for i in range(0, N, cfg.batch_size)]
         total = torch.zeros((), device=self.device)
         stats = torch.zeros(4, device=self.device)
@@ -249,15 +247,14 @@ class Trainer:
             w = batch["completion_mask"].sum()
             stats += torch.stack([met["kl"], met["clip_low"], met["clip_high"],
                                   met["ratio"]]) * w
-        stats = d.all_sum(stats) / d.all_sum(roll["completion_mask"].sum().float()).clamp(min=1)
+        stats = d.all_sum(stats) / n_completion.clamp(min=1)
         all_r = d.all_sum(torch.stack([rewards.sum(), (rewards ** 2).sum(),
-                                       torch.tensor(float(N), device=self.device),
-                                       roll["completion_mask"].sum().float()]))
+                                       torch.tensor(float(N), device=self.device)]))
         mean = all_r[0] / all_r[2]
         metrics = {"loss": d.all_sum(total) / d.world, "reward_mean": mean,
                    "reward_std": (all_r[1] / all_r[2] - mean**2).clamp(min=0).sqrt(),
                    "kl": stats[0], "clip_low": stats[1], "clip_high": stats[2],
-                   "ratio": stats[3], "completion_length": all_r[3] / all_r[2]}
+                   "ratio": stats[3], "completion_length": n_completion / all_r[2]}
         n_tok = int(roll["prompt_ids"].numel() + roll["completion_ids"].numel()) * d.world
         return metrics, n_tok
 
@@ -273,12 +270,18 @@ class Trainer:
                 self.state["epoch"] = epoch
                 if hasattr(self.method, "on_epoch_begin"):
                     self.method.on_epoch_begin(self.model, self.optimizer, epoch)
-            perm = torch.randperm(N, generator=torch.Generator().manual_seed(
-                self.cfg.seed * 7919 + epoch))
+            perm = self._permutation(epoch)
             k = min(n - len(out), N - at)
             out += perm[at:at + k].tolist()
             self.state["position"] = pos + k
         return out
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        """The order of the rows in ``epoch``, from the seed (drawn once per epoch)."""
+        if self._perm[0] != epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            self._perm = (epoch, torch.randperm(len(self.rows), generator=gen))
+        return self._perm[1]
 
     def _next_sft_batches(self) -> list[dict]:
         cfg, d = self.cfg, self.dist
@@ -355,8 +358,12 @@ class Trainer:
         if hasattr(new, "attach_hooks"):
             new.attach_hooks()
         self.optimizer = new
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(new, lr_lambda(self.cfg,
-                                                                          self.total_steps))
+        self.scheduler = self._schedule()
+
+    def _schedule(self):
+        """Warm-up then cosine / linear / constant over ``total_steps``, on the optimizer."""
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                 lr_lambda(self.cfg, self.total_steps))
 
     # ---- saving and evaluation ----------------------------------------------------------
 
@@ -378,7 +385,9 @@ class Trainer:
         if d.main:
             method_state = self.method.state_dict() if hasattr(self.method, "state_dict") else {}
             path = checkpoint.save_checkpoint(
-                self.out, self.state["step"], model=self.model, optimizer=self.optimizer,
+                # named by the step counted over all phases: LT-SFT's two never collide
+                self.out, self.state["phase"] * self.total_steps + self.state["step"],
+                model=self.model, optimizer=self.optimizer,
                 scheduler=self.scheduler, method_state=method_state,
                 trainer_state={"state": self.state, "config": self.cfg.to_dict()},
                 model_state=model_state, optimizer_state=optim_state)

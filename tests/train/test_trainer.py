@@ -150,3 +150,23 @@ def test_sparse_methods_train_through_the_trainer(tmp_path, name):
         total = sum(c.numel() for n, c in changed.items() if n.endswith("proj.weight"))
         moved = sum(int(c.sum()) for n, c in changed.items() if n.endswith("proj.weight"))
         assert 0 < moved <= round(0.05 * total) + 1
+
+
+@pytest.mark.parametrize("name", ["lift", "ltsft"])
+def test_sparse_methods_resume_exactly(tmp_path, name):
+    """The method state is restored before its optimizer is made (LT-SFT: from phase 'full')."""
+    data_path = write_data(tmp_path, n=32)
+
+    def run(out, resume=None, save_every=0):
+        model, tok = tiny_setup()
+        fastft.prepare(model, fastft.LIFT(lora_rank=2, filter_rank=4, refresh_every=2)
+                       if name == "lift" else fastft.LTSFT(proportion=0.05))
+        cfg = TrainConfig(**dict(BASE, batch_size=8, max_steps=6, lr=1e-2), method=name,
+                          output_dir=str(out), save_every=save_every, resume_from=resume)
+        Trainer(model, tok, str(data_path), cfg).train()
+        return read_metrics(out)
+
+    whole = run(tmp_path / "a", save_every=3)
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert len(resumed) == len(whole) - 3  # LT-SFT: the rest of phase 1, then all of phase 2
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole[3:]]
