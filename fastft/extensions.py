@@ -33,14 +33,7 @@ _loaded: dict[str, object] = {}
 
 
 def source_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "csrc" if _in_tree() else _installed_csrc()
-
-
-def _in_tree() -> bool:
-    return (Path(__file__).resolve().parent.parent / "csrc" / "__init__.py").exists()
-
-
-def _installed_csrc() -> Path:
+    """csrc/, installed as the package fastft.csrc (editable installs map it to the checkout)."""
     from . import csrc
 
     return Path(csrc.__file__).resolve().parent

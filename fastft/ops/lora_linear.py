@@ -39,8 +39,7 @@ def _dual(a1, b1, a2, b2, bias, backend):
 
 def _small(x, a, dtype):
     """x @ a for the rank-r products: fp32 math, result in ``dtype``."""
-    return gemm.mm_f32(x, a.to(x.dtype)).to(dtype) if x.dtype != torch.float32 \
-        else torch.mm(x, a.float()).to(dtype)
+    return gemm.mm_f32(x, a.to(x.dtype)).to(dtype)
 
 
 @torch.library.custom_op("fastft::lora_linear", mutates_args=())
