@@ -143,6 +143,11 @@ def logit_transform(config) -> tuple[float | None, float]:
     return softcap, temperature
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The label of each position is the next token, as transformers shifts (-100 at the end)."""
+    return F.pad(labels, (0, 1), value=-100)[..., 1:]
+
+
 def decoder(model: nn.Module) -> nn.Module:
     get = getattr(model, "get_decoder", None)
     dec = get() if callable(get) else None
@@ -176,8 +181,8 @@ def _patch_forward(model: nn.Module) -> None:
         out = decoder(self)(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden = out[0]
         softcap, temperature = logit_transform(self.config)
-        if shift_labels is None:  # position t predicts token t + 1, as transformers shifts
-            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        if shift_labels is None:
+            shift_labels = next_token_labels(labels)
         loss = cross_entropy(hidden, output_head(self).weight, shift_labels.to(hidden.device),
                              num_items_in_batch=num_items, softcap=softcap,
                              temperature=temperature)

@@ -8,11 +8,10 @@ logits ever exist. Distributed wrappers (DDP, FSDP2) wrap this module.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
-from ..patch import decoder, logit_transform, output_head
+from ..patch import decoder, logit_transform, next_token_labels, output_head
 
 
 class CausalLMLoss(nn.Module):
@@ -34,7 +33,7 @@ class CausalLMLoss(nn.Module):
         hidden = self.hidden(batch)
         if "completion_ids" in batch:
             return self._grpo(batch, hidden, weight, num_items)
-        labels = F.pad(batch["labels"], (0, 1), value=-100)[:, 1:]  # t predicts t + 1
+        labels = next_token_labels(batch["labels"])
         cfg, common = self.cfg, dict(num_items_in_batch=num_items, softcap=self.softcap)
         if cfg.loss == "ce":
             loss = losses.cross_entropy(hidden, weight, labels, temperature=self.temperature,

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .. import losses
 from .. import methods as _methods
 from ..errors import check
 from ..methods.lora import adapter_layers
-from ..patch import disable_adapters, prepare
+from ..patch import disable_adapters, next_token_labels, output_head, prepare
 from . import checkpoint, data, distributed, rollout
 from .config import TrainConfig
 from .loss_model import CausalLMLoss
@@ -397,9 +398,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token cross-entropy on ``eval_data`` (SFT)."""
-        from .. import losses
-        from ..patch import output_head
-
         check(self.eval_rows is not None, "no eval_data")
         was = self.model.training
         self.model.eval()
@@ -409,7 +407,7 @@ class Trainer:
             b = data.collate(self.eval_rows[i:i + self.cfg.batch_size],
                              self.tokenizer.pad_token_id)
             b = {k: v.to(self.device) for k, v in b.items()}
-            labels = torch.nn.functional.pad(b["labels"], (0, 1), value=-100)[:, 1:]
+            labels = next_token_labels(b["labels"])
             with self._autocast():
                 h = self.loss_model.hidden(b)
                 total += losses.cross_entropy(h, output_head(self.model).weight, labels,
