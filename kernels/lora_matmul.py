@@ -28,6 +28,23 @@ SMALL_CONFIG = (32, 32, 32, 4, 4, 1)  # tiny problems and the CPU interpreter
 
 
 @triton.jit
+def _accumulate(acc, a_ptr, b_ptr, rm, rn, m_ok, n_ok, K, s_am, s_ak, s_bk, s_bn,
+                DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += A[rm, :K] @ B[:K, rn], BLOCK_K columns of A (rows of B) at a time."""
+    rk = tl.arange(0, BLOCK_K)
+    for k in range(0, K, BLOCK_K):
+        kk = k + rk
+        a = tl.load(a_ptr + rm[:, None] * s_am + kk[None, :] * s_ak,
+                    mask=m_ok[:, None] & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * s_bk + rn[None, :] * s_bn,
+                    mask=(kk[:, None] < K) & n_ok[None, :], other=0.0)
+        if DOT_FP32:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def dual_matmul_kernel(
     a1_ptr, b1_ptr, a2_ptr, b2_ptr, bias_ptr, c_ptr,
     M, N, K1, K2,
@@ -50,29 +67,14 @@ def dual_matmul_kernel(
 
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, K1, BLOCK_K):
-        kk = k + rk
-        a = tl.load(a1_ptr + rm[:, None] * s_a1m + kk[None, :] * s_a1k,
-                    mask=m_ok[:, None] & (kk[None, :] < K1), other=0.0)
-        b = tl.load(b1_ptr + kk[:, None] * s_b1k + rn[None, :] * s_b1n,
-                    mask=(kk[:, None] < K1) & n_ok[None, :], other=0.0)
-        if DOT_FP32:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    if HAS_SECOND:
-        for k in range(0, K2, BLOCK_K):
-            kk = k + rk
-            a = tl.load(a2_ptr + rm[:, None] * s_a2m + kk[None, :] * s_a2k,
-                        mask=m_ok[:, None] & (kk[None, :] < K2), other=0.0)
-            b = tl.load(b2_ptr + kk[:, None] * s_b2k + rn[None, :] * s_b2n,
-                        mask=(kk[:, None] < K2) & n_ok[None, :], other=0.0)
-            if DOT_FP32:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    acc = _accumulate(acc, a1_ptr, b1_ptr, rm, rn, m_ok, n_ok, K1, s_a1m, s_a1k, s_b1k, s_b1n,
+                      DOT_FP32, PRECISION, BLOCK_K)
+    if HAS_SECOND:  # the adapter's rank-r term: a few more K steps of the same tile
+        acc = _accumulate(acc, a2_ptr, b2_ptr, rm, rn, m_ok, n_ok, K2, s_a2m, s_a2k, s_b2k,
+                          s_b2n, DOT_FP32, PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + rm[:, None] * s_cm + rn[None, :] * s_cn,
