@@ -73,12 +73,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
             for name, t in (("lora_A", a), ("lora_B", b), ("lora_R", r)):
                 sb_tensors[f"{PREFIX}{path}.{name}.weight"] = t
     targets = sorted({p.rsplit(".", 1)[-1] for p in layers})
+    # Conv1D (GPT-2) stores W0 [in, out]; PEFT sets the flag per layer type, this only names it
+    fan_in_fan_out = any(layer.fan_in_fan_out for layer in layers.values())
     base_name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r,
         "lora_alpha": first.r if sb else first.alpha, "lora_dropout": first.dropout,
         "use_rslora": bool(first.rslora) and not sb, "target_modules": targets, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None, "base_model_name_or_path": base_name,
         "fastft_method": "lora-sb" if sb else "lora",
     }
@@ -108,6 +110,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
     folder = Path(directory)
     cfg = read_config(folder)
+    check(not cfg.get("target_parameters"),
+          f"the adapter in {folder} adapts parameters directly (target_parameters="
+          f"{sorted(cfg.get('target_parameters') or [])}, PEFT's LoRA on an MoE's 3-D expert "
+          "weights or router), which fastft does not support: save a PEFT adapter without "
+          "target_parameters (e.g. target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'])")
     layers = adapter_layers(model)
     if not layers:
         targets = cfg.get("target_modules") or "all-linear"

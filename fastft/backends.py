@@ -17,6 +17,8 @@ asks :func:`choose` for a backend, given the device of its inputs:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -26,6 +28,25 @@ from .errors import FastftError
 
 BACKENDS = ("triton", "cuda", "cpp", "torch", "reference")
 DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+
+
+def no_autocast(fn):
+    """Run an op's implementation with autocast off.
+
+    A custom op is opaque to autocast, yet its implementation would run under
+    the caller's autocast state, turning its fp32-accumulating GEMMs into bf16
+    ones. The Python wrapper casts the op's inputs as autocast would; inside,
+    the op computes in the dtypes it chose.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    # torch.library reads the schema from the signature, annotations resolved in fn's module
+    wrapper.__signature__ = inspect.signature(fn, eval_str=True)
+    return wrapper
 
 
 @dataclass

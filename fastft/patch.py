@@ -1,12 +1,15 @@
 """fastft.prepare: put fastft's fused kernels into a Hugging Face causal LM, in place.
 
 Patching is by module type and name, with no per-model code: the ``nn.Linear``
-children named by ``target_modules`` become LoRA / LoRA-SB layers, and with
+(and transformers ``Conv1D``, GPT-2's linear layer) children named by
+``target_modules`` become LoRA / LoRA-SB layers, and with
 ``loss_head=True`` a call with ``labels`` computes the loss with the fused
 cross-entropy from the final hidden states and the output head's weight (the
 [B, S, V] logits never exist); a call without labels returns logits as before.
-``merge`` folds the adapters into W0 and returns a plain model; ``unpatch``
-restores the original modules and forward.
+An output head with a bias (Phi) is passed to the loss with its bias.
+``merge`` folds the adapters into W0 and returns a plain model (or, with
+``keep=True``, keeps the layers and marks them merged; ``unmerge`` undoes it);
+``unpatch`` restores the original modules and forward.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import FastftError, check
-from .methods.lora import Full, LoRA, LoRALinear, LoRASB, LoRASBLinear, adapter_layers
+from .methods.lora import (
+    Full,
+    LoRA,
+    LoRALinear,
+    LoRASB,
+    LoRASBLinear,
+    adapter_dtype,
+    adapter_layers,
+    linear_types,
+)
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -29,9 +41,15 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Paths of every nn.Linear (or adapted linear) except the output head."""
+    """Paths of every nn.Linear or Conv1D (GPT-2) layer except the output head.
+
+    Other weights are not linear layers here: an MoE's experts stored as 3-D
+    parameters (transformers 5's Mixtral, Qwen2-MoE) and a router that is not an
+    nn.Linear (Mixtral's MixtralTopKRouter) are not adapted.
+    """
     head = output_head(model)
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    kinds = linear_types()
+    return [n for n, m in model.named_modules() if isinstance(m, kinds) and m is not head]
 
 
 def resolve_targets(model: nn.Module, target_modules) -> list[str]:
@@ -88,8 +106,9 @@ def prepare(model: nn.Module, method=None, *, loss_head: bool = True) -> nn.Modu
             p.requires_grad_(False)
         for path in targets:
             base = model.get_submodule(path)
-            layer = LoRASBLinear(base, method.r) if isinstance(method, LoRASB) else \
-                LoRALinear(base, method.r, method.alpha, method.dropout, method.rslora)
+            dt = adapter_dtype(base.weight.dtype, method.adapter_dtype)
+            layer = LoRASBLinear(base, method.r, dtype=dt) if isinstance(method, LoRASB) else \
+                LoRALinear(base, method.r, method.alpha, method.dropout, method.rslora, dtype=dt)
             _set(model, path, layer)
     model._fastft = types.SimpleNamespace(method=method, targets=targets, forward=None)
     if loss_head:
@@ -97,10 +116,15 @@ def prepare(model: nn.Module, method=None, *, loss_head: bool = True) -> nn.Modu
     return model
 
 
-def unpatch(model: nn.Module) -> nn.Module:
-    """Put the original linear layers and forward back (adapters are dropped)."""
+def _state(model: nn.Module):
     state = getattr(model, "_fastft", None)
     check(state is not None, "this model was not prepared by fastft")
+    return state
+
+
+def _restore(model: nn.Module) -> nn.Module:
+    """Put the base layers and the class's forward back, W0 as it is now."""
+    state = _state(model)
     for path, layer in adapter_layers(model).items():
         _set(model, path, layer.base_layer)
     if state.forward is not None:
@@ -109,19 +133,53 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put the original linear layers and forward back (adapters are dropped).
+
+    Layers merged by ``merge(model, keep=True)`` are unmerged first, so W0 is the
+    original again (to within one rounding of its dtype).
+    """
+    unmerge(model)
+    return _restore(model)
+
+
 @torch.no_grad()
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its W0 (W0 += s B R A, in fp32) and unpatch: a plain model."""
+def merge(model: nn.Module, keep: bool = False) -> nn.Module:
+    """Fold every adapter into its W0: W0 += s B R A (fp32 math, rounded once to W0's dtype).
+
+    ``keep=False``: unpatch, returning a plain transformers model. ``keep=True``: the
+    layers stay in place, marked merged: their forward runs W0 alone, the adapters are
+    kept untouched (and are saved by ``save_adapter``), and :func:`unmerge` subtracts the
+    same update again. Layers already merged are not folded twice.
+    """
+    _state(model)
     for layer in adapter_layers(model).values():
-        w = layer.base_layer.weight
-        w.copy_((w.float() + layer.delta_weight()).to(w.dtype))
-    return unpatch(model)
+        layer.merge()
+    return model if keep else _restore(model)
+
+
+@torch.no_grad()
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo ``merge(model, keep=True)``: W0 -= s B R A (fp32 math) on each merged layer.
+
+    W0 comes back to within one rounding of W0 + delta in its dtype, and bit-exact
+    wherever the merge lost nothing: every element whose W0 + delta kept W0's sign and
+    power of two and did not round on a tie (for a small LoRA delta, most of them;
+    elsewhere the merge rounded W0's last bits away and no subtraction can restore
+    them). A no-op on layers that are not merged.
+    """
+    _state(model)
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+    return model
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module):
     """Run the model as its frozen base (the reference policy of ASFT and GRPO)."""
     layers = list(adapter_layers(model).values())
+    check(not any(layer.merged for layer in layers), "the adapters are merged into W0 "
+          "(fastft.merge(model, keep=True)): call fastft.unmerge(model) before disabling them")
     old = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True
@@ -166,12 +224,18 @@ def _patch_forward(model: nn.Module) -> None:
     head = output_head(model)
     check(isinstance(head, nn.Linear) or isinstance(getattr(head, "weight", None), torch.Tensor),
           f"{type(model).__name__} has no output embedding (lm_head): use loss_head=False")
-    check(getattr(head, "bias", None) is None,
-          "the output head has a bias, which the fused loss does not take: use loss_head=False")
     original = type(model).forward
     decoder(model)  # fails now, not at the first call, if there is none
 
+    # TRL's SFTTrainer wraps this (instance) forward with its own chunked LM head
+    # (trl add_fused_lm_head): its fused_lm_head=True calls run model.base_model, our LoRA
+    # layers included, and give the log-probs, entropy and top-1 it logs without [B, S, V]
+    # logits; this forward serves its other calls. A model prepared after that wrapping
+    # would drop it, so such a call fails here instead of being answered without them.
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        check(not kwargs.get("fused_lm_head"), "fused_lm_head=True reached fastft's forward: "
+              "TRL's fused LM head was added before fastft.prepare replaced the forward; "
+              "prepare the model before creating the TRL trainer")
         if labels is None:
             return original(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
@@ -185,7 +249,7 @@ def _patch_forward(model: nn.Module) -> None:
             shift_labels = next_token_labels(labels)
         loss = cross_entropy(hidden, output_head(self).weight, shift_labels.to(hidden.device),
                              num_items_in_batch=num_items, softcap=softcap,
-                             temperature=temperature)
+                             temperature=temperature, bias=getattr(output_head(self), "bias", None))
         return CausalLMOutputWithPast(loss=loss, logits=None,
                                       past_key_values=getattr(out, "past_key_values", None),
                                       hidden_states=getattr(out, "hidden_states", None),

@@ -16,11 +16,13 @@ def debug() -> bool:
     return os.environ.get("FASTFT_DEBUG") == "1"
 
 
-def head(hidden: torch.Tensor, weight: torch.Tensor, name: str = "hidden"):
+def head(hidden: torch.Tensor, weight: torch.Tensor, name: str = "hidden",
+         bias: torch.Tensor | None = None):
     """Check hidden [..., H] against weight [V, H]; return (hidden [T, H], weight), dtypes matched.
 
     Under autocast both are cast to the autocast dtype (as nn.Linear would be);
-    otherwise their dtypes must agree.
+    otherwise their dtypes must agree. With ``bias`` [V] (an output head with a
+    bias, as Phi-1/Phi-2 have) the result is augmented, see :func:`with_bias`.
     """
     check(isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor),
           f"{name} and weight must be tensors")
@@ -42,7 +44,35 @@ def head(hidden: torch.Tensor, weight: torch.Tensor, name: str = "hidden"):
     check(hidden.dtype == weight.dtype,
           f"{name} is {hidden.dtype} but weight is {weight.dtype}: cast one to the other "
           "(or run under torch.autocast)")
+    if bias is not None:
+        hidden, weight = with_bias(hidden, weight, bias)
     return hidden.reshape(-1, hidden.shape[-1]), weight
+
+
+def with_bias(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(hidden | 1) [..., H+1] and (weight | bias) [V, H+1]: h W^T + b = (h|1)(W|b)^T exactly.
+
+    Every fused loss then serves a head with a bias unchanged. Gradients reach
+    ``bias`` through ``torch.cat`` (the last column of the augmented weight's
+    gradient) and ``hidden`` / ``weight`` through the other columns. The cost: a
+    copy of the head, V x (H+1), and of hidden, T x (H+1), per call. ``bias`` None
+    returns the inputs as they are. Under autocast the bias is cast like the weight.
+    """
+    if bias is None:
+        return hidden, weight
+    V = weight.shape[0]
+    check(isinstance(bias, torch.Tensor) and tuple(bias.shape) == (V,),
+          f"bias must be the output head's bias, shape ({V},); got "
+          f"{tuple(getattr(bias, 'shape', ()))}")
+    check(bias.device == weight.device,
+          f"bias is on {bias.device} but weight is on {weight.device}")
+    dev = weight.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        bias = bias.to(weight.dtype)  # head() has cast weight already; a reference casts later
+    check(bias.dtype == weight.dtype, f"bias is {bias.dtype} but weight is {weight.dtype}: "
+          "cast one to the other (or run under torch.autocast)")
+    ones = hidden.new_ones(*hidden.shape[:-1], 1)
+    return torch.cat([hidden, ones], -1), torch.cat([weight, bias[:, None]], 1)
 
 
 def labels_like(labels: torch.Tensor, hidden: torch.Tensor, V: int, ignore_index: int,

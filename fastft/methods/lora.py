@@ -1,9 +1,11 @@
 """LoRA and LoRA-SB adapter layers and their configs (METHODS.md §2).
 
-A targeted ``nn.Linear`` is replaced by :class:`LoRALinear` (or
-:class:`LoRASBLinear`), which keeps the original layer as ``base_layer``
-(frozen) and runs the fused op ``fastft::lora_linear``. With dropout > 0 in
-training, the LoRA path runs as the plain composition (dropout on its input).
+A targeted ``nn.Linear`` (or transformers' ``Conv1D``, the GPT-2 family's
+linear layer, whose weight is stored [in, out]) is replaced by
+:class:`LoRALinear` (or :class:`LoRASBLinear`), which keeps the original layer
+as ``base_layer`` (frozen) and runs the fused op ``fastft::lora_linear``. With
+dropout > 0 in training, the LoRA path runs as the plain composition (dropout
+on its input).
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ class LoRA:
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     rslora: bool = False
+    adapter_dtype: str = "float32"  # float32 (as PEFT keeps them) | base (the weights' dtype)
 
     def __post_init__(self):
         check(isinstance(self.r, int) and self.r >= 1, f"LoRA r must be an int >= 1; got {self.r!r}")
         check(0.0 <= self.dropout < 1.0, f"LoRA dropout must be in [0, 1); got {self.dropout}")
+        check_adapter_dtype(self.adapter_dtype)
 
     @property
     def scaling(self) -> float:
@@ -48,9 +52,39 @@ class LoRASB:
     n_init: int = 50
     lr: float = 1e-4
     warmup_ratio: float = 0.02
+    adapter_dtype: str = "float32"  # float32 | base
 
     def __post_init__(self):
         check(isinstance(self.r, int) and self.r >= 1, f"LoRASB r must be an int >= 1; got {self.r!r}")
+        check(self.lr > 0 and 0 <= self.warmup_ratio < 1, "LoRASB needs lr > 0 and warmup_ratio "
+              f"in [0, 1); got lr={self.lr}, warmup_ratio={self.warmup_ratio}")
+        check_adapter_dtype(self.adapter_dtype)
+
+
+def check_adapter_dtype(value: str) -> None:
+    check(value in ("float32", "base"), "adapter_dtype must be 'float32' (adapters in fp32 on a "
+          f"bf16/fp16 model, as PEFT keeps them) or 'base' (the weights' dtype); got {value!r}")
+
+
+def adapter_dtype(base_dtype: torch.dtype, choice: str = "float32") -> torch.dtype:
+    """The dtype of new adapter parameters beside a base weight of ``base_dtype``."""
+    if choice == "float32" and base_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base_dtype
+
+
+def linear_types() -> tuple[type, ...]:
+    """The module types adapted as linear layers: nn.Linear and transformers' Conv1D."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is what fastft patches; without it only nn.Linear exists
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def is_fan_in_fan_out(module: nn.Module) -> bool:
+    """True for a linear layer whose weight is stored [in, out] (Conv1D): y = x W + b."""
+    return isinstance(module, linear_types()) and not isinstance(module, nn.Linear)
 
 
 @dataclass
@@ -61,50 +95,85 @@ class Full:
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a LoRA adapter (PEFT's layout: lora_A [r, in], lora_B [out, r])."""
+    """A frozen ``nn.Linear`` plus a LoRA adapter (PEFT's layout: lora_A [r, in], lora_B [out, r]).
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
-                 rslora: bool = False):
+    The base may also be a transformers ``Conv1D`` (GPT-2 family), whose weight
+    is stored [in, out]: ``fan_in_fan_out`` is then True, the fused op gets the
+    transposed view [out, in] of W0 (no copy), and ``weight`` / ``delta_weight``
+    are in the base's own layout, as PEFT's ``fan_in_fan_out`` does it.
+    ``merged`` (set by ``fastft.merge(model, keep=True)``): the adapter is
+    folded into W0 and the forward runs the base layer alone.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, dtype: torch.dtype | None = None):
         super().__init__()
+        check(isinstance(base, linear_types()), "LoRA adapts nn.Linear or transformers' Conv1D "
+              f"layers; got {type(base).__name__}")
         self.base_layer = base
+        self.fan_in_fan_out = is_fan_in_fan_out(base)
         base.weight.requires_grad_(False)
         if base.bias is not None:
             base.bias.requires_grad_(False)
-        dev, dt = base.weight.device, base.weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=dev, dtype=dt))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=dev, dtype=dt))
+        dev, dt = base.weight.device, dtype or adapter_dtype(base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dt))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.r, self.alpha, self.rslora, self.dropout = r, alpha, rslora, dropout
         self.scaling = alpha / (math.sqrt(r) if rslora else r)
         self.disabled = False
+        self.merged = False
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.base_layer.weight.shape[0 if self.fan_in_fan_out else 1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.base_layer.weight.shape[1 if self.fan_in_fan_out else 0]
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads .weight of a linear layer sees W0
-        return self.base_layer.weight
+        return self.base_layer.weight  # in the base's layout: [in, out] for a Conv1D
+
+    def w0(self) -> torch.Tensor:
+        """W0 as [out, in] (for a Conv1D base a transposed view, not a copy)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
 
     def adapter(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
         """(A, B, R or None, scale) of y = x W0^T + scale B R A x."""
         return self.lora_A, self.lora_B, None, self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        """The adapter as a dense update of W0, in fp32: scale B R A."""
+        """The adapter as a dense update of ``weight``, in fp32: scale B R A (its transpose
+        for a Conv1D base, whose weight is [in, out])."""
         a, b, r, s = self.adapter()
         mid = a.float() if r is None else r.float() @ a.float()
-        return s * (b.float() @ mid)
+        delta = s * (b.float() @ mid)
+        return delta.t() if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 += delta (fp32 math, rounded once to W0's dtype); the forward then uses W0 alone."""
+        if not self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W0 -= the same delta (fp32 math): W0 back to within one rounding (see fastft.unmerge)."""
+        if self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
+        if self.disabled or self.merged:
             return self.base_layer(x)
         a, b, r, s = self.adapter()
-        w, bias = self.base_layer.weight, self.base_layer.bias
+        w, bias = self.w0(), self.base_layer.bias
         if self.dropout > 0.0 and self.training:
             from ..reference import lora as ref
 
@@ -114,7 +183,13 @@ class LoRALinear(nn.Module):
             from ..reference import lora as ref
 
             return ref.lora_linear(x, w, bias, a, b, r, s)
-        if x.dtype != w.dtype:
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            # the op is opaque to autocast: cast as F.linear would (the adapters keep their dtype)
+            dt = torch.get_autocast_dtype(dev)
+            x, w = x.to(dt), w.to(dt)
+            bias = None if bias is None else bias.to(dt)
+        elif x.dtype != w.dtype:
             raise FastftError(f"{type(self).__name__}: input is {x.dtype} but the base weight is "
                               f"{w.dtype}: cast the model or run under torch.autocast")
         lead = x.shape[:-1]
@@ -122,18 +197,20 @@ class LoRALinear(nn.Module):
         return y.reshape(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+        return (f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, dropout={self.dropout}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+                + (", merged=True" if self.merged else ""))
 
 
 class LoRASBLinear(LoRALinear):
     """LoRA-SB: A [r, in] and B [out, r] frozen, R [r, r] trained; y = x W0^T + B R A x."""
 
-    def __init__(self, base: nn.Linear, r: int):
-        super().__init__(base, r, alpha=r, dropout=0.0)
+    def __init__(self, base: nn.Module, r: int, dtype: torch.dtype | None = None):
+        super().__init__(base, r, alpha=r, dropout=0.0, dtype=dtype)
         self.lora_A.requires_grad_(False)
         self.lora_B.requires_grad_(False)
         nn.init.zeros_(self.lora_A)
-        dev, dt = base.weight.device, base.weight.dtype
+        dev, dt = self.lora_A.device, self.lora_A.dtype
         self.lora_R = nn.Parameter(torch.zeros(r, r, device=dev, dtype=dt))
         self.scaling = 1.0
         self.initialized = False  # set by lora_sb.initialize or by loading an adapter

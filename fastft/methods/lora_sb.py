@@ -35,8 +35,9 @@ def initialize(model: nn.Module, batches, *, total_steps: int, lr: float | None 
                                                                          0.02)
     n_init = n_init if n_init is not None else getattr(method, "n_init", 50)
     check(total_steps >= 1, f"total_steps must be >= 1; got {total_steps}")
-    check(warmup_ratio > 0, f"warmup_ratio must be > 0; got {warmup_ratio}")
-    lr_eff = lr / (warmup_ratio * total_steps)
+    check(warmup_ratio >= 0, f"warmup_ratio must be >= 0; got {warmup_ratio}")
+    # the update of the warm-up steps; a run without warm-up counts one step
+    lr_eff = lr / (warmup_ratio * total_steps if warmup_ratio > 0 else 1.0)
     for layer in layers.values():
         r = layer.r
         check(r <= min(layer.in_features, layer.out_features),
@@ -68,7 +69,8 @@ def initialize(model: nn.Module, batches, *, total_steps: int, lr: float | None 
                 g = w.grad
                 check(g is not None, f"{path}: no gradient reached this layer during "
                       "initialisation (is it used by the forward pass?)")
-                dw_t = (-lr_eff * torch.sign(g.float())).t()  # [in, out]
+                dw_t = -lr_eff * torch.sign(g.float())
+                dw_t = dw_t if layer.fan_in_fan_out else dw_t.t()  # [in, out] (Conv1D stores it so)
                 u, s, v = torch.svd_lowrank(dw_t, q=layer.r, niter=10)
                 with torch.no_grad():
                     layer.lora_A.copy_(u.t().to(layer.lora_A.dtype))

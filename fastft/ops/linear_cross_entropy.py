@@ -61,6 +61,7 @@ def _coeffs(labels, mask, scale, *, label_smoothing, z_loss, dft, kl_coef, V):
 
 
 @torch.library.custom_op("fastft::linear_cross_entropy", mutates_args=())
+@backends.no_autocast
 def linear_cross_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, row_weights: Tensor | None,
     normalizer: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,

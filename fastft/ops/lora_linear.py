@@ -43,6 +43,7 @@ def _small(x, a, dtype):
 
 
 @torch.library.custom_op("fastft::lora_linear", mutates_args=())
+@backends.no_autocast
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
                 lora_r: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """(y [T, out], xa = x A^T [T, r] fp32, kept for the backward)."""
@@ -61,6 +62,7 @@ def _(x, weight, bias, lora_a, lora_b, lora_r, scale):
 
 
 @torch.library.custom_op("fastft::lora_linear_backward", mutates_args=())
+@backends.no_autocast
 def lora_linear_backward(
     dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     lora_r: Tensor | None, scale: float, need_x: bool, need_a: bool, need_b: bool, need_r: bool,

@@ -101,6 +101,69 @@ def test_merge_folds_adapters_into_a_plain_model():
     assert_close(after, before, 1e-5)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])  # gpt2: Conv1D, W0 stored [in, out]
+def test_merge_keep_then_unmerge_restores_w0(arch):
+    model = tiny(arch)
+    ids, labels = batch()
+    fastft.prepare(model, fastft.LoRA(r=4, alpha=8))
+    randomize_b(model, seed=2)
+    layers = adapter_layers(model)
+    with torch.no_grad():  # a delta small beside W0, as a trained LoRA's is
+        for layer in layers.values():
+            layer.lora_B.mul_(0.01)
+    w0 = {p: layer.base_layer.weight.clone() for p, layer in layers.items()}
+    adapters = {p: (layer.lora_A.clone(), layer.lora_B.clone()) for p, layer in layers.items()}
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        loss_before = model(input_ids=ids, labels=labels).loss
+        assert fastft.merge(model, keep=True) is model
+        fastft.merge(model, keep=True)  # merged layers are not folded twice
+        assert all(layer.merged for layer in adapter_layers(model).values())
+        assert_close(model(input_ids=ids).logits, before, 1e-5, "merged logits")
+        assert_close(model(input_ids=ids, labels=labels).loss, loss_before, 1e-5, "merged loss")
+        with pytest.raises(FastftError, match="unmerge"):
+            with fastft.disable_adapters(model):
+                pass
+        fastft.unmerge(model)
+        after = model(input_ids=ids).logits
+    assert_close(after, before, 1e-6, "unmerged logits")
+    for path, layer in adapter_layers(model).items():
+        assert not layer.merged
+        w, orig = layer.base_layer.weight, w0[path]
+        delta = layer.delta_weight()
+        # within one rounding of W0 + delta; bit-exact where the merge kept W0's last bit:
+        # W0 + delta of W0's sign and power of two that did not round on a tie
+        eps = torch.finfo(torch.float32).eps
+        assert bool(((w - orig).abs() <= eps * (orig.abs() + delta.abs())).all()), path
+        merged = orig + delta
+        tie = ((orig.double() + delta.double()) - merged.double()).abs() \
+            == (torch.nextafter(merged.abs(), torch.tensor(float("inf"))) - merged.abs()) / 2
+        kept = (torch.frexp(orig)[1] == torch.frexp(merged)[1]) & \
+            (orig.sign() == merged.sign()) & ~tie
+        assert kept.float().mean() > 0.5 and torch.equal(w[kept], orig[kept]), path
+        assert torch.equal(layer.lora_A, adapters[path][0])  # the adapters are untouched
+        assert torch.equal(layer.lora_B, adapters[path][1])
+    plain = fastft.merge(model)  # keep=False: a plain transformers model again
+    assert not adapter_layers(plain) and not hasattr(plain, "_fastft")
+    assert_close(logits_of(plain, ids), before, 1e-5, "merge(keep=False)")
+
+
+def test_unpatch_of_a_merged_model_unmerges_first():
+    model = tiny("llama")
+    ids, _ = batch()
+    want = logits_of(model, ids)
+    fastft.prepare(model, fastft.LoRA(r=4))
+    randomize_b(model)
+    fastft.merge(model, keep=True)
+    fastft.unpatch(model)
+    assert_close(logits_of(model, ids), want, 1e-5)
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
 def test_unpatch_restores_the_original_model():
     model = tiny("mistral")
     ids, _ = batch()
