@@ -231,6 +231,15 @@ class SparseAdamW(torch.optim.Optimizer):
                   if not self._masked[i] and p.grad is not None]
         return torch.stack(parts).sum() if parts else torch.zeros((), device=dev)
 
+    def grad_tensors(self) -> list[Tensor]:
+        """Every tensor that holds a gradient this optimizer would apply: the compact buffers
+        of the hooks and the dense ``.grad`` of the rest (for data-parallel averaging, which
+        then moves the masked entries only)."""
+        out = [b.grad for b in self._buckets if b.grad is not None]
+        out += [p.grad for i, p in enumerate(self._params)
+                if p.grad is not None and (not self._masked[i] or not self._has_grad[i])]
+        return out
+
     @torch.no_grad()
     def scale_grads_(self, factor) -> None:
         """Multiply every gradient this optimizer holds by ``factor`` (number or 0-d tensor)."""

@@ -4,6 +4,13 @@ Under torchrun (WORLD_SIZE > 1) the process group is nccl on CUDA, gloo on the
 CPU. Each process takes its share of every global batch; losses are divided
 by the global token count times the world size, so that DDP's gradient mean
 gives exactly the single-process gradient of the same global batch.
+
+The sparse methods (LIFT, HFT, LT-SFT) are not wrapped in DDP: their
+optimizer consumes gradients in post-accumulate hooks, before DDP's all-reduce
+would run, and HFT changes the trained set between stages, which DDP's fixed
+reducer does not allow. The trainer averages their gradients itself, after the
+last micro-batch (:func:`average_`): for SparseAdamW the compact buffers, so
+only the trained entries cross the wire and no dense gradient is kept.
 """
 
 from __future__ import annotations
@@ -79,6 +86,25 @@ def decoder_layers(module: nn.Module) -> list[nn.Module]:
         if isinstance(m, nn.ModuleList) and len(m) > 0:
             return list(m)
     return []
+
+
+@torch.no_grad()
+def average_(tensors: list[torch.Tensor], d: Dist) -> None:
+    """All-reduce ``tensors`` to their mean over the processes, in place (one flat buffer per
+    dtype). Every process must pass tensors of the same shapes, in the same order."""
+    if not d.on:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        flat /= d.world
+        at = 0
+        for t in group:
+            t.copy_(flat[at:at + t.numel()].view_as(t))
+            at += t.numel()
 
 
 def no_sync(engine: nn.Module, last: bool):
