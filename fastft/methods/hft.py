@@ -2,7 +2,9 @@
 
 Per stage, in every layer: 2 of the 4 attention matrices (q, k, v, o) chosen at
 random; of the 3 MLP matrices (gate, up, down), 2 in a random half of the
-layers (``L // 2`` of them) and 1 in the others. The chosen matrices train
+layers and 1 in the others. With an odd number of layers L the half is rounded
+up (``ceil(L / 2)`` layers train 2), so that at least half of the 3L MLP
+matrices train (ceil(3L / 2)), as in an even model. The chosen matrices train
 densely (weight and bias); the others get ``requires_grad=False``, so autograd
 forms no weight gradient for them at all. Embeddings, norms and the output head
 stay frozen, as in the paper's default procedure. The draw is a pure function
@@ -32,7 +34,8 @@ def draw(layers: list[int], seed: int, stage: int) -> dict[int, tuple[set[str], 
     """{layer: (trained attention names, trained MLP names)} for one stage."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + stage)
     order = sorted(layers)
-    two = {order[i] for i in torch.randperm(len(order), generator=g)[:len(order) // 2].tolist()}
+    half = (len(order) + 1) // 2  # rounded up: ceil(3L / 2) of the 3L MLP matrices train
+    two = {order[i] for i in torch.randperm(len(order), generator=g)[:half].tolist()}
     out = {}
     for layer in order:
         attn = {ATTENTION[i] for i in torch.randperm(4, generator=g)[:2].tolist()}

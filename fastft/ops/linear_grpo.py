@@ -68,6 +68,7 @@ def clipped_objective(coef1, adv, eps_low, eps_high, delta):
 
 
 @torch.library.custom_op("fastft::linear_grpo", mutates_args=())
+@backends.no_autocast
 def linear_grpo(
     hidden: Tensor, weight: Tensor, tokens: Tensor, advantages: Tensor, mask: Tensor,
     row_scale: Tensor, old_logps: Tensor | None, ref_logps: Tensor | None, seq_len: int,
@@ -123,9 +124,10 @@ def linear_grpo(
             if beta:
                 per = per + beta * kl
                 g = g + r * beta * (1.0 - torch.exp(diff))
+        clip = coef1.clamp(max=delta) if delta > 0 else coef1  # counted after the cap, as TRL
         metrics[start:end] = torch.stack([
-            logp, kl, coef1, ((coef1 < 1.0 - eps_low) & (adv < 0)).float(),
-            ((coef1 > 1.0 + eps_high) & (adv > 0)).float(),
+            logp, kl, coef1, ((clip < 1.0 - eps_low) & (adv < 0)).float(),
+            ((clip > 1.0 + eps_high) & (adv > 0)).float(),
             entropy if want_entropy else torch.zeros_like(logp)], dim=1)
         # g = dloss/dlogp, and dlogp/dz = e_y - p: dz = -g p + g e_y
         return fused_linear.RowCoeffs(loss=r * per, c=-g, u=torch.zeros_like(g), w=-g[:, None])
@@ -157,6 +159,7 @@ def _flops(hidden_shape, weight_shape, *args, **kwargs) -> int:
 
 
 @torch.library.custom_op("fastft::linear_logprobs", mutates_args=())
+@backends.no_autocast
 def linear_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, softcap: float,
                     temperature: float) -> tuple[Tensor, Tensor]:
     """(log p(token) [T], entropy [T]) under softmax(softcap(h W^T) / temperature)."""

@@ -3,7 +3,8 @@
 Each unmasked row is a one-step episode: K tokens a_k are sampled from the
 current policy p = softmax(s) (no gradient through sampling) with reward
 r_k = 1 if a_k = y else -beta; with ``include_target`` the target y is one more
-rollout with reward 1. Over the K' = K (+1) rollouts:
+rollout with reward 1. The samples are drawn at their own temperature; p is the
+model's distribution. Over the K' = K (+1) rollouts:
 
     loss_t = -(1/K') sum_k r_k log p(a_k),    dz = (rbar p - (1/K') sum_k r_k e_{a_k}) ds/dz
 
@@ -30,13 +31,18 @@ INFO = backends.register(backends.OpInfo(
 
 
 @torch.library.custom_op("fastft::linear_otr", mutates_args=())
+@backends.no_autocast
 def linear_otr(
     hidden: Tensor, weight: Tensor, labels: Tensor, row_weights: Tensor | None,
     normalizer: Tensor, samples: Tensor | None, ignore_index: int, k: int, beta: float,
     include_target: bool, seed: int, softcap: float, temperature: float,
-    need_grad_hidden: bool, need_grad_weight: bool,
+    sample_temperature: float, need_grad_hidden: bool, need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(row_loss [T], grad_hidden or [0], grad_weight or [0], samples [T, k] int64)."""
+    """(row_loss [T], grad_hidden or [0], grad_weight or [0], samples [T, k] int64).
+
+    ``temperature`` shapes the differentiated distribution p (the model's own);
+    ``sample_temperature`` the one the rollouts are drawn from.
+    """
     backend = backends.choose(INFO, hidden.device)
     rows_be = row_backends.get(backend)
     mask, scale = fused_linear.row_scale(labels, ignore_index, normalizer, row_weights)
@@ -47,7 +53,7 @@ def linear_otr(
     def idx(start, end, z):
         if samples is None:
             drawn[start:end] = rows_be.sample(z, k, seed=seed, row_offset=start,
-                                              softcap=softcap, temperature=temperature)
+                                              softcap=softcap, temperature=sample_temperature)
         parts = [drawn[start:end], target[start:end]] if include_target else [drawn[start:end]]
         return torch.cat(parts, dim=1)
 
@@ -76,13 +82,14 @@ def linear_otr(
 
 @linear_otr.register_fake
 def _(hidden, weight, labels, row_weights, normalizer, samples, ignore_index, k, beta,
-      include_target, seed, softcap, temperature, need_grad_hidden, need_grad_weight):
+      include_target, seed, softcap, temperature, sample_temperature, need_grad_hidden,
+      need_grad_weight):
     T = hidden.shape[0]
     return (*fused_linear.fake_outputs(hidden, weight, need_grad_hidden, need_grad_weight),
             hidden.new_empty(T, k, dtype=torch.int64))
 
 
-fused_autograd.register(linear_otr, row_weights=3, need_hidden=13, need_weight=14)
+fused_autograd.register(linear_otr, row_weights=3, need_hidden=14, need_weight=15)
 
 
 @register_flop_formula(torch.ops.fastft.linear_otr)

@@ -130,8 +130,8 @@ def otr(hidden, weight, labels, *, samples=None, k=8, beta=0.1, include_target=T
 
 def grpo(hidden, weight, tokens, advantages, *, mask, old_logps=None, ref_logps=None, beta=0.0,
          eps_low=0.2, eps_high=0.2, delta=None, loss_type="dapo", importance_level="token",
-         temperature=1.0, num_items_in_batch=None, max_completion_length=None, softcap=None,
-         entropy=False):
+         temperature=1.0, num_items_in_batch=None, num_sequences_in_batch=None,
+         max_completion_length=None, softcap=None, entropy=False):
     """GRPO-family policy loss as Hugging Face TRL's GRPOTrainer computes it; (loss, metrics)."""
     logp = token_logprobs(hidden, weight, tokens, softcap=softcap, temperature=temperature)
     m = mask.float()
@@ -152,24 +152,28 @@ def grpo(hidden, weight, tokens, advantages, *, mask, old_logps=None, ref_logps=
         if beta != 0.0:
             per_token = per_token + beta * kl
     B, S = m.shape
+    # counts of the whole step when given (micro-batches), else of this call
+    n_seq = B if num_sequences_in_batch is None else num_sequences_in_batch
+    n_tok = m.sum() if num_items_in_batch is None else torch.as_tensor(
+        num_items_in_batch, dtype=torch.float32)
     if loss_type == "grpo":
-        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / B
-    elif loss_type == "bnpo":
-        loss = (per_token * m).sum() / m.sum().clamp(min=1.0)
+        loss = ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).sum() / n_seq
     elif loss_type == "dr_grpo":
-        loss = (per_token * m).sum() / (B * (max_completion_length or S))
-    elif loss_type == "dapo":
-        n = m.sum() if num_items_in_batch is None else torch.as_tensor(
-            num_items_in_batch, dtype=torch.float32)
-        loss = (per_token * m).sum() / n.clamp(min=1.0)
+        loss = (per_token * m).sum() / (n_seq * (max_completion_length or S))
+    elif loss_type in ("bnpo", "dapo"):
+        loss = (per_token * m).sum() / n_tok.clamp(min=1.0)
     else:
         raise ValueError(loss_type)
     n_tok = m.sum().clamp(min=1.0)
     c1 = coef1.expand_as(m).detach()
+    cc = capped.detach()  # clips counted after the delta cap; per sequence at sequence level
+    low, high = (cc < 1 - eps_low) & (adv < 0), (cc > 1 + eps_high) & (adv > 0)
+    frac = (lambda f: f.float().mean()) if importance_level == "sequence" else \
+        (lambda f: (f.float() * m).sum() / n_tok)
     metrics = {
         "kl": (kl.detach() * m).sum() / n_tok,
-        "clip_low": (((c1 < 1 - eps_low) & (adv < 0)).float() * m).sum() / n_tok,
-        "clip_high": (((c1 > 1 + eps_high) & (adv > 0)).float() * m).sum() / n_tok,
+        "clip_low": frac(low),
+        "clip_high": frac(high),
         "ratio": (c1 * m).sum() / n_tok,
     }
     if entropy:

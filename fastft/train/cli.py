@@ -13,7 +13,8 @@ from .config import TrainConfig, read_toml
 
 HELP = {
     "objective": "sft or grpo", "loss": "SFT loss: ce, dft, asft or otr",
-    "method": "lora, lora-sb, full, lift, hft or ltsft", "lora_r": "adapter rank",
+    "method": "lora, lora-sb, full, lift, hft or ltsft", "lora_r": "adapter rank (default: the method's, LoRA 16, LoRA-SB 96)",
+    "adapter_dtype": "float32 (adapters fp32 on a bf16/fp16 model) or base",
     "lora_alpha": "LoRA alpha (scale alpha / r)", "lora_dropout": "dropout on the LoRA input",
     "target_modules": "'all-linear', comma-separated names, or a regex over module paths",
     "rslora": "scale alpha / sqrt(r)", "max_length": "tokens per example",
@@ -36,6 +37,7 @@ HELP = {
     "max_completion_length": "GRPO tokens per completion",
     "sampling_temperature": "GRPO sampling temperature", "beta": "GRPO KL weight (needs a "
     "reference: the base model)", "eps_low": "GRPO lower clip", "eps_high": "GRPO upper clip",
+    "delta": "GRPO upper cap of the importance ratio (unset: none)",
     "loss_type": "grpo, bnpo, dr_grpo or dapo", "importance_level": "token or sequence (GSPO)",
     "scale_rewards": "group, batch or none", "output_dir": "run folder (default runs/<time>)",
     "seed": "random seed", "log_every": "steps between metric lines",
@@ -44,6 +46,7 @@ HELP = {
     "progress": "show a progress bar",
 }
 RENAMED = {"output_dir": "output", "resume_from": "resume"}
+TYPES = {"lora_r": int, "delta": float}  # fields whose default is None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                   f"{default})")
         if isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name in TYPES:
+            p.add_argument(flag, type=TYPES[f.name], **kw)
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             p.add_argument(flag, type=type(default), **kw)
         else:

@@ -22,11 +22,12 @@ class TrainConfig:
     objective: str = "sft"  # sft | grpo
     loss: str = "ce"  # sft: ce | dft | asft | otr
     method: str = "lora"  # lora | lora-sb | full | lift | hft | ltsft
-    lora_r: int = 16
+    lora_r: int | None = None  # None: the method's default (LoRA 16, LoRA-SB 96)
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     rslora: bool = False
+    adapter_dtype: str = "float32"  # float32 (adapters fp32 on a bf16/fp16 model) | base
     # data
     max_length: int = 1024
     truncation: bool = True
@@ -61,6 +62,7 @@ class TrainConfig:
     beta: float = 0.0
     eps_low: float = 0.2
     eps_high: float = 0.2
+    delta: float | None = None  # caps the importance ratio from above (two-sided GRPO)
     loss_type: str = "dapo"
     importance_level: str = "token"
     scale_rewards: str = "group"
@@ -84,10 +86,20 @@ class TrainConfig:
               f"{self.method!r}")
         check(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}; got "
               f"{self.schedule!r}")
-        for name in ("batch_size", "grad_accum", "max_length", "lora_r", "num_generations",
+        for name in ("batch_size", "grad_accum", "max_length", "num_generations",
                      "prompts_per_step", "max_completion_length", "otr_k", "log_every"):
             v = getattr(self, name)
             check(isinstance(v, int) and v >= 1, f"{name} must be an integer >= 1; got {v!r}")
+        check(self.lora_r is None or (isinstance(self.lora_r, int) and self.lora_r >= 1),
+              f"lora_r must be an integer >= 1 (or unset for the method's default); got "
+              f"{self.lora_r!r}")
+        check(self.objective != "grpo" or self.num_generations >= 2,
+              "num_generations must be >= 2 for GRPO: advantages compare the completions of "
+              f"one prompt with each other; got {self.num_generations}")
+        check(self.delta is None or self.delta > 1.0,
+              f"delta caps the importance ratio and must be > 1 (or unset); got {self.delta!r}")
+        check(self.adapter_dtype in ("float32", "base"),
+              f"adapter_dtype must be float32 or base; got {self.adapter_dtype!r}")
         check(self.max_steps >= 0 and self.save_every >= 0, "max_steps and save_every must be >= 0")
         check(self.max_steps > 0 or self.epochs > 0, "set max_steps or epochs > 0")
         check(self.lr > 0, f"lr must be > 0; got {self.lr}")

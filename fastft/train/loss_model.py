@@ -26,30 +26,38 @@ class CausalLMLoss(nn.Module):
         out = decoder(self.model)(**{k: batch[k] for k in keys if k in batch}, use_cache=False)
         return out[0]
 
-    def forward(self, batch: dict, *, num_items: torch.Tensor, seed: int = 0,
-                ref_hidden: torch.Tensor | None = None):
-        """(loss, metrics) of one micro-batch."""
+    def head_bias(self) -> torch.Tensor | None:
+        """The output head's bias (Phi-1/Phi-2 have one; most heads none), given to every loss."""
+        return getattr(output_head(self.model), "bias", None)
+
+    def forward(self, batch: dict, *, num_items: torch.Tensor, num_sequences=None, seed: int = 0,
+                ref_hidden: torch.Tensor | None = None, ref_weight: torch.Tensor | None = None,
+                ref_bias: torch.Tensor | None = None):
+        """(loss, metrics) of one micro-batch; ``num_items`` / ``num_sequences``: the tokens /
+        sequences of the whole step (per process), the loss's normalisers."""
         weight = output_head(self.model).weight
         hidden = self.hidden(batch)
         if "completion_ids" in batch:
-            return self._grpo(batch, hidden, weight, num_items)
+            return self._grpo(batch, hidden, weight, num_items, num_sequences)
         labels = next_token_labels(batch["labels"])
-        cfg, common = self.cfg, dict(num_items_in_batch=num_items, softcap=self.softcap)
+        cfg, common = self.cfg, dict(num_items_in_batch=num_items, softcap=self.softcap,
+                                     bias=self.head_bias())
         if cfg.loss == "ce":
             loss = losses.cross_entropy(hidden, weight, labels, temperature=self.temperature,
                                         **common)
         elif cfg.loss == "dft":
             loss = losses.dft(hidden, weight, labels, temperature=self.temperature, **common)
         elif cfg.loss == "asft":
-            loss = losses.asft(hidden, weight, labels, ref_hidden=ref_hidden, kl_coef=cfg.kl_coef,
+            loss = losses.asft(hidden, weight, labels, ref_hidden=ref_hidden,
+                               ref_weight=ref_weight, ref_bias=ref_bias, kl_coef=cfg.kl_coef,
                                temperature=self.temperature, **common)
         else:
             loss = losses.otr(hidden, weight, labels, k=cfg.otr_k, beta=cfg.otr_beta,
-                              temperature=self.temperature * cfg.otr_temperature, seed=seed,
-                              **common)
+                              temperature=self.temperature,
+                              sampling_temperature=cfg.otr_temperature, seed=seed, **common)
         return loss, {}
 
-    def _grpo(self, batch, hidden, weight, num_items):
+    def _grpo(self, batch, hidden, weight, num_items, num_sequences):
         cfg = self.cfg
         P = batch["prompt_len"]
         C = batch["completion_ids"].shape[1]
@@ -60,8 +68,9 @@ class CausalLMLoss(nn.Module):
             eps_low=cfg.eps_low, eps_high=cfg.eps_high, loss_type=cfg.loss_type,
             importance_level=cfg.importance_level,
             temperature=self.temperature * cfg.sampling_temperature,
-            num_items_in_batch=num_items if cfg.loss_type == "dapo" else None,
-            max_completion_length=cfg.max_completion_length, softcap=self.softcap)
+            delta=cfg.delta, num_items_in_batch=num_items, num_sequences_in_batch=num_sequences,
+            max_completion_length=cfg.max_completion_length, softcap=self.softcap,
+            bias=self.head_bias())
 
     @torch.no_grad()
     def logprobs(self, batch: dict) -> torch.Tensor:
@@ -70,4 +79,5 @@ class CausalLMLoss(nn.Module):
         P, C = batch["prompt_len"], batch["completion_ids"].shape[1]
         return losses.selective_logprobs(
             hidden[:, P - 1:P - 1 + C], output_head(self.model).weight, batch["completion_ids"],
-            temperature=self.temperature * self.cfg.sampling_temperature, softcap=self.softcap)
+            temperature=self.temperature * self.cfg.sampling_temperature, softcap=self.softcap,
+            bias=self.head_bias())

@@ -30,10 +30,13 @@ from .runlog import RunLog, peak_memory_mb, summary_table
 
 def make_method(cfg: TrainConfig):
     if cfg.method == "lora":
-        return _methods.LoRA(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                             target_modules=cfg.target_modules, rslora=cfg.rslora)
-    if cfg.method == "lora-sb":
-        return _methods.LoRASB(r=cfg.lora_r, target_modules=cfg.target_modules)
+        return _methods.LoRA(r=cfg.lora_r or _methods.LoRA.r, alpha=cfg.lora_alpha,
+                             dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                             rslora=cfg.rslora, adapter_dtype=cfg.adapter_dtype)
+    if cfg.method == "lora-sb":  # its own rank default (96); initialised with the run's lr
+        return _methods.LoRASB(r=cfg.lora_r or _methods.LoRASB.r,
+                               target_modules=cfg.target_modules, lr=cfg.lr,
+                               warmup_ratio=cfg.warmup_ratio, adapter_dtype=cfg.adapter_dtype)
     if cfg.method == "full":
         return _methods.Full()
     import fastft
@@ -80,7 +83,9 @@ class Trainer:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
-        self.autocast = self.device.type == "cuda" and str(cfg.bf16).lower() != "false"
+        # bf16 autocast: by default on CUDA; bf16=true asks for it on the CPU too
+        bf16 = str(cfg.bf16).lower()
+        self.autocast = bf16 == "true" or (bf16 == "auto" and self.device.type == "cuda")
         self.loss_model = CausalLMLoss(model, cfg)
         self.ref_model = self._reference_model()
         self.rows = self._load(train_data, "data")
@@ -91,7 +96,10 @@ class Trainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(
             cfg.epochs * len(self.rows) / self.global_batch))
         self.fsdp = self._fsdp()
-        self.engine = distributed.wrap(self.loss_model, self.dist, fsdp=self.fsdp)
+        # the sparse methods average their gradients themselves (see distributed.py)
+        self.own_sync = self.dist.on and hasattr(self.method, "prepare_model")
+        self.engine = self.loss_model if self.own_sync else \
+            distributed.wrap(self.loss_model, self.dist, fsdp=self.fsdp)
         if cfg.resume_from and hasattr(self.method, "load_state_dict"):
             # first: the method's state decides which optimizer it makes (LT-SFT's phase)
             self.method.load_state_dict(checkpoint.load_method_state(cfg.resume_from))
@@ -174,6 +182,8 @@ class Trainer:
                     step = self.state["step"] + 1
                     metrics, n_tok = self._grpo_step() if cfg.objective == "grpo" \
                         else self._sft_step()
+                    if self.own_sync:
+                        distributed.average_(self._grad_tensors(), self.dist)
                     norm = self._clip()
                     self.optimizer.step()
                     self.scheduler.step()
@@ -215,10 +225,12 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            ref_hidden = self._reference("hidden", batch) if cfg.loss == "asft" else None
+            ref = {}
+            if cfg.loss == "asft":  # the frozen reference: hidden states and head
+                ref = {"ref_hidden": self._reference("hidden", batch), **self._reference_head()}
             seed = (cfg.seed * 1_000_003 + self.state["step"] * 1009 + m * 31 + d.rank) % 2**62
             with distributed.no_sync(self.engine, m == len(micro) - 1), self._autocast():
-                loss, _ = self.engine(batch, num_items=n_items, seed=seed, ref_hidden=ref_hidden)
+                loss, _ = self.engine(batch, num_items=n_items, seed=seed, **ref)
                 loss.backward()
             total += loss.detach()
         n_tok = sum(int(b["input_ids"].numel()) for b in micro) * d.world
@@ -232,23 +244,30 @@ class Trainer:
                                 self.device)
         rewards, adv = rollout.score(self.reward_fn, rows, roll["texts"], cfg, self.device)
         N = rewards.shape[0]
-        n_completion = d.all_sum(roll["completion_mask"].sum().float())  # all processes
-        n_items = n_completion / d.world
+        n_local = roll["completion_mask"].sum().float()
+        n_completion = d.all_sum(n_local)  # all processes
+        # the whole step's normalisers (TRL's): dapo counts the tokens of every process,
+        # bnpo this process's; grpo and dr_grpo count this process's sequences
+        n_items = n_completion / d.world if cfg.loss_type == "dapo" else n_local
         chunks = [slice(i, min(N, i + cfg.batch_size)) for i in range(0, N, cfg.batch_size)]
         total = torch.zeros((), device=self.device)
-        stats = torch.zeros(4, device=self.device)
+        stats = torch.zeros(2, 4, device=self.device)  # weighted sums, weights
+        per_seq = cfg.importance_level == "sequence"  # then the clips are means over sequences
         for m, idx in enumerate(chunks):
             batch = rollout.batch_rows(roll, adv, idx)
             if cfg.beta > 0:
                 batch["ref_logps"] = self._reference("logprobs", batch)
             with distributed.no_sync(self.engine, m == len(chunks) - 1), self._autocast():
-                loss, met = self.engine(batch, num_items=n_items)
+                loss, met = self.engine(batch, num_items=n_items, num_sequences=N)
                 loss.backward()
             total += loss.detach()
-            w = batch["completion_mask"].sum()
-            stats += torch.stack([met["kl"], met["clip_low"], met["clip_high"],
-                                  met["ratio"]]) * w
-        stats = d.all_sum(stats) / n_completion.clamp(min=1)
+            n_tok = batch["completion_mask"].sum().float()
+            n_seq = torch.tensor(float(batch["completion_ids"].shape[0]), device=self.device)
+            w = torch.stack([n_tok, *([n_seq if per_seq else n_tok] * 2), n_tok])
+            stats += torch.stack([torch.stack([met["kl"], met["clip_low"], met["clip_high"],
+                                               met["ratio"]]) * w, w])
+        stats = d.all_sum(stats)
+        stats = stats[0] / stats[1].clamp(min=1)
         all_r = d.all_sum(torch.stack([rewards.sum(), (rewards ** 2).sum(),
                                        torch.tensor(float(N), device=self.device)]))
         mean = all_r[0] / all_r[2]
@@ -309,10 +328,24 @@ class Trainer:
         with disable_adapters(self.model), self._autocast():
             return getattr(self.loss_model, what)(batch)
 
+    def _reference_head(self) -> dict:
+        """The reference's output head (``ref_weight``, ``ref_bias``): the frozen copy's, or
+        none given (the model's own head, frozen under adapters)."""
+        if self.ref_model is None:
+            return {}
+        head = output_head(self.ref_model.model)
+        return {"ref_weight": head.weight, "ref_bias": getattr(head, "bias", None)}
+
     def _autocast(self):
         if self.autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def _grad_tensors(self) -> list[torch.Tensor]:
+        opt = self.optimizer
+        if hasattr(opt, "grad_tensors"):  # SparseAdamW: compact buffers and dense grads
+            return opt.grad_tensors()
+        return [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
 
     def _clip(self) -> torch.Tensor:
         cfg, opt = self.cfg, self.optimizer
@@ -345,15 +378,18 @@ class Trainer:
             return
         check(self.cfg.objective == "sft", "LoRA-SB initialisation needs SFT data (labels)")
         n = getattr(self.method, "n_init", 50)
+        # every process sums the same gradient: mini-batches of the global micro-batch size
+        size = self.cfg.batch_size * self.dist.world
         batches, seen = [], 0
-        for i in range(0, min(n, len(self.rows)), self.cfg.batch_size):
-            b = data.collate(self.rows[i:i + self.cfg.batch_size], self.tokenizer.pad_token_id)
+        for i in range(0, min(n, len(self.rows)), size):
+            b = data.collate(self.rows[i:i + size], self.tokenizer.pad_token_id)
             batches.append({k: v.to(self.device) for k, v in b.items()})
             seen += b["input_ids"].shape[0]
         from ..methods import lora_sb
 
         lora_sb.initialize(self.model, batches, total_steps=self.total_steps, lr=self.cfg.lr,
-                           n_init=min(n, seen), seed=self.cfg.seed)
+                           warmup_ratio=self.cfg.warmup_ratio, n_init=min(n, seen),
+                           seed=self.cfg.seed)
 
     def _replace_optimizer(self, new) -> None:
         if hasattr(new, "attach_hooks"):

@@ -19,14 +19,16 @@ def categories(paths):
     return sum(names[n] for n in ATTENTION), sum(names[n] for n in MLP)
 
 
-@pytest.mark.parametrize("layers", [2, 4, 6])
+@pytest.mark.parametrize("layers", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("stage", [0, 1, 5])
-def test_exactly_half_of_each_category(layers, stage):
+def test_half_of_each_category(layers, stage):
+    """Half of the attention matrices; half of the 3L MLP matrices, rounded up (odd L)."""
     picks = draw(list(range(layers)), seed=3, stage=stage)
     assert all(len(a) == 2 for a, _ in picks.values())
-    assert sorted(len(m) for _, m in picks.values()) == [1] * (layers // 2) + [2] * (layers // 2)
+    two = -(-layers // 2)
+    assert sorted(len(m) for _, m in picks.values()) == [1] * (layers - two) + [2] * two
     assert sum(len(a) for a, _ in picks.values()) == 4 * layers // 2
-    assert sum(len(m) for _, m in picks.values()) == 3 * layers // 2
+    assert sum(len(m) for _, m in picks.values()) == -(-3 * layers // 2)
 
 
 def test_prepare_trains_the_draw_and_freezes_the_rest():
