@@ -26,7 +26,7 @@ demo: $(VENV)/.base
 	$(BIN)/fastft train
 
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -q
+	FASTFT_REQUIRE_PEERS=1 FASTFT_REQUIRE_CPP=1 $(BIN)/python -m pytest -q
 	$(BIN)/fastft check-kernels --arch sm_90,sm_80
 
 lint: $(VENV)/.dev

@@ -86,11 +86,19 @@ def build(name: str, sources: list[Path], *, flags: tuple[str, ...] = CPP_FLAGS,
         extra_cflags=list(flags), extra_ldflags=["-fopenmp"], verbose=verbose)
 
 
+def cpp_required() -> bool:
+    """Whether a failed C++ build must raise instead of falling back to the torch path:
+    ``FASTFT_REQUIRE_CPP=1`` (``make test`` sets it, so a broken C++ kernel fails the tests
+    instead of hiding behind its torch fallback)."""
+    return os.environ.get("FASTFT_REQUIRE_CPP", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def load(name: str):
     """The extension built from ``csrc/<name>.cpp``; None if it cannot be built here.
 
     A failed build is reported once as a warning and recorded, so the ops that
-    use it fall back to their torch path and ``fastft info`` says why.
+    use it fall back to their torch path and ``fastft info`` says why; where
+    :func:`cpp_required` (``FASTFT_REQUIRE_CPP=1``) it raises FastftError instead.
     """
     from . import backends
 
@@ -101,7 +109,12 @@ def load(name: str):
         try:
             mod = build(name, [src], flags=CPP_FLAGS + EXTRA_FLAGS.get(name, ()))
         except Exception as e:  # a compiler error, a missing compiler or ninja
-            why = f"C++ build of csrc/{name}.cpp failed: {str(e).strip().splitlines()[-1]}"
+            lines = str(e).strip().splitlines() or [type(e).__name__]
+            if cpp_required():
+                raise FastftError(
+                    f"C++ build of {src} failed and FASTFT_REQUIRE_CPP=1 is set, so there "
+                    "is no fallback to the torch path:\n" + "\n".join(lines[-25:])) from e
+            why = f"C++ build of csrc/{name}.cpp failed: {lines[-1]}"
             backends.mark_broken(f"cpp:{name}", why)
             warnings.warn(f"fastft: {why}; falling back to the torch path", stacklevel=2)
             mod = None

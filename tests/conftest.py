@@ -8,6 +8,7 @@ tensors on the GPU and the kernels for real.
 """
 
 import os
+import re
 
 DEVICE = os.environ.get("FASTFT_TEST_DEVICE", "cpu")
 if DEVICE == "cpu":
@@ -32,6 +33,45 @@ def backend(request, monkeypatch):
     """Run the test once per backend of the fused ops that this machine can run."""
     monkeypatch.setenv("FASTFT_BACKEND", request.param)
     return request.param
+
+
+# The peers extra (peer libraries the parity tests compare with). `make test` installs it and
+# sets FASTFT_REQUIRE_PEERS=1: there, a test that would skip because one of them is missing
+# fails instead, so a broken install cannot silently drop the parity tests.
+PEERS = ("peft", "trl", "liger_kernel")
+
+
+def _missing_peer(report) -> str | None:
+    """The skip reason when ``report`` is a skip by importorskip of a peer package."""
+    if os.environ.get("FASTFT_REQUIRE_PEERS") != "1" or not report.skipped:
+        return None
+    if not isinstance(report.longrepr, tuple) or len(report.longrepr) != 3:
+        return None
+    reason = str(report.longrepr[2])
+    m = re.search(r"could not import '([\w.]+)'", reason)
+    return reason if m and m.group(1).split(".")[0] in PEERS else None
+
+
+def _fail_missing_peer(report) -> None:
+    reason = _missing_peer(report)
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = (f"FASTFT_REQUIRE_PEERS=1 and a peer package is missing ({reason}): "
+                           "install the peers extra, pip install -e '.[dev,peers]'")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _fail_missing_peer(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    _fail_missing_peer(report)
+    return report
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from fastft import aot, extensions
+from fastft import FastftError, aot, extensions
 
 CU = textwrap.dedent("""
     #include <cstdint>
@@ -43,6 +43,7 @@ def test_failed_build_falls_back_and_is_reported(monkeypatch):
 
     monkeypatch.setattr(extensions, "_loaded", {})
     monkeypatch.setattr(backends, "_broken", {})
+    monkeypatch.delenv("FASTFT_REQUIRE_CPP", raising=False)
 
     def broken(name, sources, **kw):
         raise RuntimeError("Error building extension: g++ not found")
@@ -52,6 +53,39 @@ def test_failed_build_falls_back_and_is_reported(monkeypatch):
         assert extensions.load("gumbel_sample") is None
     b, note = backends.explain(linear_otr.INFO, torch.device("cpu"))
     assert b == "torch" and "g++ not found" in note
+
+
+def test_failed_build_raises_when_cpp_is_required(tmp_path, monkeypatch):
+    """A real compile of a broken csrc/<name>.cpp: a FastftError naming the file, no fallback."""
+    from fastft import backends
+
+    (tmp_path / "broken_kernel.cpp").write_text("this is not C++;\n")
+    monkeypatch.setattr(extensions, "source_dir", lambda: tmp_path)
+    monkeypatch.setattr(extensions, "_loaded", {})
+    monkeypatch.setattr(backends, "_broken", {})
+    monkeypatch.setenv("FASTFT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTFT_REQUIRE_CPP", "1")
+    with pytest.raises(FastftError) as info:
+        extensions.load("broken_kernel")
+    msg = str(info.value)
+    assert str(tmp_path / "broken_kernel.cpp") in msg and "no fallback" in msg
+    assert "error" in msg  # the compiler's own output comes with it
+    assert "broken_kernel" not in extensions._loaded and not backends._broken
+    monkeypatch.setenv("FASTFT_REQUIRE_CPP", "0")
+    with pytest.warns(UserWarning, match="broken_kernel.cpp failed"):
+        assert extensions.load("broken_kernel") is None
+    assert "cpp:broken_kernel" in backends._broken
+
+
+def test_cpp_required_reads_fastft_require_cpp(monkeypatch):
+    cases = [(None, False), ("1", True), ("true", True), ("0", False), ("", False)]
+    for value, want in cases:
+        with monkeypatch.context() as m:
+            if value is None:
+                m.delenv("FASTFT_REQUIRE_CPP", raising=False)
+            else:
+                m.setenv("FASTFT_REQUIRE_CPP", value)
+            assert extensions.cpp_required() is want, value
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
