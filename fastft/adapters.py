@@ -5,53 +5,33 @@
 ``adapter_config.json`` that PEFT's ``PeftModel.from_pretrained`` reads.
 A LoRA-SB adapter is saved as the equivalent plain LoRA (lora_B = B R,
 alpha = r, so scale 1) for PEFT and serving stacks, and in full (A, B, R) in
-``fastft_lora_sb.safetensors`` so that fastft can resume it. ``load_adapter``
-reads either kind, and LoRAs that PEFT saved.
+``fastft_lora_sb.safetensors`` so that fastft can resume it. fastft's own
+facts (which method made the adapter) go to ``fastft_adapter.json``, so that
+PEFT reads ``adapter_config.json`` without a warning. ``load_adapter`` reads
+either kind, and LoRAs that PEFT saved. The atomic writers live in
+``fastft.safeio``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import FastftError, check
+from .errors import check
 from .methods.lora import LoRA, LoRASBLinear, adapter_layers
+from .safeio import atomic_write, load_json, load_safetensors, save_json, save_safetensors
+
+__all__ = ["save_adapter", "load_adapter", "read_config", "read_method",
+           "atomic_write", "save_json", "save_safetensors"]  # the writers: from safeio
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 SB_WEIGHTS = "fastft_lora_sb.safetensors"
+FASTFT = "fastft_adapter.json"  # fastft's own keys, apart from PEFT's config
 PREFIX = "base_model.model."
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
-
-
-def save_json(obj, path: Path) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-    atomic_write(path, write)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -82,25 +62,31 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
         "use_rslora": bool(first.rslora) and not sb, "target_modules": targets, "bias": "none",
         "fan_in_fan_out": fan_in_fan_out, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None, "base_model_name_or_path": base_name,
-        "fastft_method": "lora-sb" if sb else "lora",
     }
     save_safetensors(tensors, out / WEIGHTS, metadata={"format": "pt"})
     if sb:
         save_safetensors(sb_tensors, out / SB_WEIGHTS, metadata={"format": "pt"})
-    save_json(config, out / CONFIG)
+    save_json({"method": "lora-sb" if sb else "lora"}, out / FASTFT)
+    save_json(config, out / CONFIG)  # last: a folder with a config holds the rest
     return out
 
 
 def read_config(directory: Path) -> dict:
     path = Path(directory) / CONFIG
     check(path.is_file(), f"{path} not found: an adapter folder holds {CONFIG} and {WEIGHTS}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FastftError(f"{path} is not valid JSON ({e})") from e
+    cfg = load_json(path, "save the adapter again")
     check(cfg.get("peft_type", "LORA") == "LORA",
           f"{path}: peft_type {cfg.get('peft_type')!r} is not a LoRA adapter")
     return cfg
+
+
+def read_method(directory: str | os.PathLike) -> str:
+    """The method that made the adapter: "lora" or "lora-sb" (fastft_adapter.json; adapters
+    of older fastft kept it in adapter_config.json as ``fastft_method``; PEFT's: "lora")."""
+    folder = Path(directory)
+    if (folder / FASTFT).is_file():
+        return str(load_json(folder / FASTFT, "save the adapter again").get("method", "lora"))
+    return str(read_config(folder).get("fastft_method", "lora"))
 
 
 @torch.no_grad()
@@ -127,7 +113,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     weights = folder / (SB_WEIGHTS if sb else WEIGHTS)
     check(weights.is_file(), f"{weights} not found" + (" (a LoRA-SB model loads the adapter "
                                                        "fastft saved for it)" if sb else ""))
-    state = load_file(str(weights))
+    state, _ = load_safetensors(weights, "save the adapter again")
     names = ("lora_A", "lora_B", "lora_R") if sb else ("lora_A", "lora_B")
     expected = {f"{PREFIX}{p}.{n}.weight": (layer, n) for p, layer in layers.items()
                 for n in names}

@@ -57,8 +57,9 @@ def run_demo(output: str | None = None, *, quick: bool = False, seed: int = 0) -
     baseline = ar.accuracy(model, tok, held_out)
     print(f"held-out exact match before training: {baseline:.1%}")
 
-    sft_cfg = dict(SFT, seed=seed, output_dir=str(out / "sft"))
-    grpo_cfg = dict(GRPO, seed=seed, output_dir=str(out / "grpo"))
+    # the demo owns its folder: a second run into it replaces the first one's stages
+    sft_cfg = dict(SFT, seed=seed, output_dir=str(out / "sft"), overwrite=True)
+    grpo_cfg = dict(GRPO, seed=seed, output_dir=str(out / "grpo"), overwrite=True)
     if quick:
         sft_cfg.update(max_steps=60, log_every=10)
         grpo_cfg.update(max_steps=4, prompts_per_step=4, log_every=1)

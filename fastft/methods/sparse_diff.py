@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import FastftError, check
+from ..safeio import load_safetensors, read_safetensors_metadata, save_safetensors
 
 FORMAT = "fastft.sparse_diff/1"
 
@@ -34,8 +35,6 @@ def value_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 def save_sparse_diff(diff: dict[str, tuple[torch.Tensor, torch.Tensor]], shapes: dict[str, list],
                      path: str | os.PathLike) -> Path:
     """Write {name: (indices, values)} and {name: shape} to ``path`` (safetensors)."""
-    from ..adapters import save_safetensors
-
     tensors = {}
     for name, (idx, val) in diff.items():
         check(idx.shape == val.shape and idx.dim() == 1,
@@ -51,16 +50,17 @@ def save_sparse_diff(diff: dict[str, tuple[torch.Tensor, torch.Tensor]], shapes:
 
 def load_sparse_diff(path: str | os.PathLike) -> dict:
     """{"shapes": {name: shape}, "params": {name: (indices, values)}} from a saved file."""
-    from safetensors import safe_open
-
     path = Path(path)
     check(path.is_file(), f"sparse difference {path} not found")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        check(meta.get("format") == FORMAT,
-              f"{path} is not a fastft sparse difference (format {meta.get('format')!r})")
+    meta = read_safetensors_metadata(path)
+    check(meta.get("format") == FORMAT,
+          f"{path} is not a fastft sparse difference (format {meta.get('format')!r})")
+    tensors, _ = load_safetensors(path)
+    try:
         shapes = json.loads(meta["shapes"])
-        params = {n: (f.get_tensor(f"{n}.indices"), f.get_tensor(f"{n}.values")) for n in shapes}
+        params = {n: (tensors[f"{n}.indices"], tensors[f"{n}.values"]) for n in shapes}
+    except (KeyError, TypeError, ValueError) as e:
+        raise FastftError(f"{path} is damaged (its shapes and tensors disagree: {e})") from e
     return {"shapes": shapes, "params": params}
 
 

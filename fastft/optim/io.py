@@ -7,12 +7,11 @@ import json
 from torch import Tensor
 
 from ..errors import check
+from ..safeio import damaged, load_safetensors, save_safetensors
 
 
 def save(optimizer, path) -> None:
     """Write ``optimizer.state_dict()`` (tensors and JSON-able values) to ``path``, atomically."""
-    from ..adapters import save_safetensors
-
     sd = optimizer.state_dict()
     tensors = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
     rest = {k: v for k, v in sd.items() if not isinstance(v, Tensor)}
@@ -21,13 +20,12 @@ def save(optimizer, path) -> None:
 
 def load(optimizer, path) -> None:
     """Load a file written by :func:`save` into ``optimizer``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        check("fastft" in meta, f"{path} is not a fastft optimizer state file (no fastft "
-              "metadata)")
+    tensors, meta = load_safetensors(path)
+    check("fastft" in meta, f"{path} is not a fastft optimizer state file (no fastft "
+          "metadata)")
+    try:
         sd = json.loads(meta["fastft"])
-        for k in f.keys():
-            sd[k] = f.get_tensor(k)
+    except ValueError as e:
+        raise damaged(path, f"its fastft metadata is not JSON: {e}") from e
+    sd.update(tensors)
     optimizer.load_state_dict(sd)
