@@ -2,84 +2,94 @@
 
 Records are ``{"prompt", "completion"}`` or chat ``{"messages": [...]}`` (the
 last message, the assistant's, is the completion; the tokenizer's chat template
-renders the rest), from a JSONL or Parquet file, a list of dicts, or a
-``datasets`` object. GRPO needs only ``prompt`` (other columns reach the
-reward function). Every bad record is an error naming the file, line and
-field, unless ``skip_invalid`` is set, which counts and reports the skipped.
+renders the rest), from a JSONL, JSON-array or Parquet file, a list of dicts,
+or a ``datasets`` object (reading: records.py). GRPO needs only ``prompt``, text
+or a list of chat messages (other columns reach the reward function). Every
+bad record is an error naming the file, line and field, unless
+``skip_invalid`` is set, which counts and reports the skipped. An example
+longer than ``max_length`` is cut to it and counted (``truncation``, the
+default), or with ``truncation=False`` is an error naming it.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import FastftError, check
+from .records import Record, check_file, read_records  # noqa: F401 (data.read_records)
 
 
 @dataclass
-class Record:
-    where: str  # "file.jsonl line 7", for errors
-    fields: dict
+class DataStats:
+    """What became of the records of one source: the summary lines a run prints."""
+    records: int = 0  # all, the invalid ones included
+    invalid: int = 0  # skipped under skip_invalid
+    truncated: int = 0  # longer than max_length: cut to it, kept
+    dropped: int = 0  # longer than max_length with no completion token left within it
 
-
-def read_records(source, name: str = "data") -> list[Record]:
-    """Records from a path (.jsonl / .json / .parquet), a list of dicts or a datasets.Dataset."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        check(path.is_file(), f"{name} file {path} not found")
-        if path.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError as e:
-                raise FastftError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") \
-                    from e
-            rows = pq.read_table(path).to_pylist()
-            records = [Record(f"{path} row {i + 1}", r) for i, r in enumerate(rows)]
-        else:
-            records = []
-            with open(path, encoding="utf-8") as f:
-                for i, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise FastftError(f"{path} line {i}: not valid JSON ({e.msg})") from e
-                    check(isinstance(obj, dict), f"{path} line {i}: a record must be a JSON "
-                          f"object, got {type(obj).__name__}")
-                    records.append(Record(f"{path} line {i}", obj))
-        check(bool(records), f"{name} file {path} is empty")
-        return records
-    rows = list(source)
-    check(bool(rows), f"{name} is empty")
-    return [Record(f"{name} record {i + 1}", dict(r)) for i, r in enumerate(rows)]
+    def lines(self, name: str, max_length: int) -> list[str]:
+        out = []
+        if self.invalid:
+            out.append(f"fastft: skipped {self.invalid} invalid record(s) of {name} "
+                       "(skip_invalid)")
+        if self.truncated:
+            out.append(f"fastft: truncated {self.truncated} of {self.records} record(s) of "
+                       f"{name} to max_length={max_length}")
+        if self.dropped:
+            out.append(f"fastft: dropped {self.dropped} of {self.records} record(s) of {name}: "
+                       f"no completion token left within max_length={max_length} (the prompt "
+                       "fills it; raise max_length)")
+        return out
 
 
 def _text(rec: Record, key: str) -> str:
     v = rec.fields.get(key)
+    hint = " (an SFT chat record is {'messages': [...]})" if isinstance(v, list) else ""
     check(isinstance(v, str), f"{rec.where}: field {key!r} must be a string; got "
-          f"{type(v).__name__}")
+          f"{type(v).__name__}{hint}")
     return v
+
+
+def _chat(rec: Record, tokenizer, msgs: list, **kw) -> list[int]:
+    """Token ids of ``msgs`` through the tokenizer's chat template; its failures name the
+    record (a template is the user's code)."""
+    check(getattr(tokenizer, "chat_template", None) is not None,
+          f"{rec.where}: a chat record (a list of messages) needs a tokenizer with a chat "
+          "template: set tokenizer.chat_template, or give the text itself")
+    try:
+        return list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False, **kw))
+    except Exception as e:  # jinja2 errors, raise_exception() in the template, ...
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise FastftError(f"{rec.where}: the tokenizer's chat template failed on it "
+                          f"({type(e).__name__}: {why})") from e
+
+
+def _messages(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str)
+        and isinstance(m.get("content"), str) for m in v)
+
+
+def prompt_ids(tokenizer, prompt, where: str = "prompt") -> list[int]:
+    """A GRPO prompt's token ids: text (with the tokenizer's special tokens) or a list of
+    chat messages (the chat template, add_generation_prompt=True)."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    return _chat(Record(where, {}), tokenizer, prompt, add_generation_prompt=True)
 
 
 def _sft_parts(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
     f = rec.fields
     if "messages" in f:
         msgs = f["messages"]
-        check(isinstance(msgs, list) and len(msgs) >= 2 and all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m
-            for m in msgs), f"{rec.where}: field 'messages' must be a list of >= 2 "
-            "{role, content} objects")
+        check(_messages(msgs) and len(msgs) >= 2, f"{rec.where}: field 'messages' must be a "
+              "list of >= 2 {role, content} objects (strings)")
         check(msgs[-1]["role"] == "assistant", f"{rec.where}: the last message must be the "
               "assistant's (the completion to learn)")
-        check(getattr(tokenizer, "chat_template", None) is not None,
-              f"{rec.where}: chat 'messages' need a tokenizer with a chat template")
-        prompt = list(tokenizer.apply_chat_template(msgs[:-1], add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False))
-        full = list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=False))
+        prompt = _chat(rec, tokenizer, msgs[:-1], add_generation_prompt=True)
+        full = _chat(rec, tokenizer, msgs)
         check(full[:len(prompt)] == prompt, f"{rec.where}: the chat template does not render "
               "the conversation as prompt + completion")
         return prompt, full[len(prompt):]
@@ -94,46 +104,74 @@ def _sft_parts(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
 
 
 def tokenize_sft(records: list[Record], tokenizer, *, max_length: int, truncation: bool,
-                 completion_only: bool, skip_invalid: bool) -> tuple[list[dict], int]:
-    """[{input_ids, labels}], and how many records were skipped."""
-    out, skipped = [], 0
+                 completion_only: bool, skip_invalid: bool) -> tuple[list[dict], DataStats]:
+    """[{input_ids, labels}], and what became of the records (DataStats).
+
+    An example longer than ``max_length`` is cut to it and counted (``truncation``);
+    one whose prompt fills ``max_length`` has no completion token left to learn and
+    is dropped and counted. With ``truncation=False`` an over-long example is an
+    error naming it (under ``skip_invalid``: skipped and counted as invalid).
+    """
+    out, stats = [], DataStats(records=len(records))
     for rec in records:
         try:
+            check(rec.error is None, rec.error or "")
             prompt, completion = _sft_parts(rec, tokenizer)
             ids = prompt + completion
             labels = ([-100] * len(prompt) if completion_only else prompt) + completion
-            if len(ids) > max_length:
+            cut = len(ids) > max_length
+            if cut:
                 check(truncation, f"{rec.where}: {len(ids)} tokens, longer than "
-                      f"max_length={max_length} (raise max_length, or allow truncation)")
+                      f"max_length={max_length} (raise max_length, or truncation=true "
+                      "(--truncation) to cut it)")
                 ids, labels = ids[:max_length], labels[:max_length]
-            check(any(t != -100 for t in labels[1:]), f"{rec.where}: no completion token left "
-                  f"to learn within max_length={max_length}")
+            check(cut or any(t != -100 for t in labels[1:]), f"{rec.where}: no completion "
+                  "token to learn")
         except FastftError:
             if not skip_invalid:
                 raise
-            skipped += 1
+            stats.invalid += 1
             continue
+        if cut and not any(t != -100 for t in labels[1:]):
+            stats.dropped += 1
+            continue
+        stats.truncated += cut
         out.append({"input_ids": ids, "labels": labels})
-    check(bool(out), "no usable training records")
-    return out, skipped
+    check(bool(out), f"no usable training records: of {stats.records}, {stats.invalid} invalid "
+          f"(skip_invalid), {stats.dropped} with no completion token within "
+          f"max_length={max_length}")
+    return out, stats
 
 
-def read_prompts(records: list[Record], skip_invalid: bool) -> tuple[list[dict], int]:
-    """GRPO rows: {prompt, **other columns}; and how many were skipped."""
-    out, skipped = [], 0
+def read_prompts(records: list[Record], skip_invalid: bool,
+                 tokenizer=None) -> tuple[list[dict], DataStats]:
+    """GRPO rows: {prompt, **other columns}, and what became of the records (DataStats).
+
+    A prompt is text, or a list of chat messages rendered with the tokenizer's chat
+    template (checked here; the reward function gets the messages as the prompt).
+    """
+    out, stats = [], DataStats(records=len(records))
     for rec in records:
         try:
+            check(rec.error is None, rec.error or "")
             check("prompt" in rec.fields, f"{rec.where}: a GRPO record needs 'prompt'; it has "
                   f"{sorted(rec.fields)}")
-            _text(rec, "prompt")
+            p = rec.fields["prompt"]
+            if isinstance(p, list):
+                check(_messages(p), f"{rec.where}: a chat 'prompt' must be a list of "
+                      "{role, content} messages (strings)")
+                check(tokenizer is not None, f"{rec.where}: a chat 'prompt' needs the tokenizer")
+                _chat(rec, tokenizer, p, add_generation_prompt=True)
+            else:
+                _text(rec, "prompt")
         except FastftError:
             if not skip_invalid:
                 raise
-            skipped += 1
+            stats.invalid += 1
             continue
         out.append(rec.fields)
-    check(bool(out), "no usable prompts")
-    return out, skipped
+    check(bool(out), f"no usable prompts: all {stats.records} invalid (skip_invalid)")
+    return out, stats
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

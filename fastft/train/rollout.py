@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 
 from ..errors import FastftError, check
 from ..losses import group_advantages
+from .data import prompt_ids
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], cfg, device) -> dict:
-    """``num_generations`` sampled completions per prompt, as one left-padded batch."""
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=True)
+def generate(model, tokenizer, prompts: list, cfg, device) -> dict:
+    """``num_generations`` sampled completions per prompt, as one left-padded batch.
+
+    A prompt is text, or a list of chat messages (rendered with the tokenizer's chat
+    template, add_generation_prompt=True, as data.read_prompts checked it)."""
+    if all(isinstance(p, str) for p in prompts):
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=True)
+    else:
+        enc = _left_pad([prompt_ids(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
     ids = enc["input_ids"].repeat_interleave(cfg.num_generations, 0).to(device)
     mask = enc["attention_mask"].repeat_interleave(cfg.num_generations, 0).to(device)
     was_training = model.training
@@ -42,6 +50,16 @@ def generate(model, tokenizer, prompts: list[str], cfg, device) -> dict:
             "completion_mask": cmask, "texts": texts}
 
 
+def _left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, n - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def score(reward_fn, rows: list[dict], texts: list[str], cfg, device) -> tuple[torch.Tensor,
                                                                                torch.Tensor]:
     """(rewards [N], advantages [N]) for the completions of ``rows`` (num_generations each)."""
@@ -58,7 +76,17 @@ def score(reward_fn, rows: list[dict], texts: list[str], cfg, device) -> tuple[t
         raise FastftError(f"the reward function failed: {type(e).__name__}: {e}") from e
     check(len(rewards) == len(texts), f"the reward function returned {len(rewards)} rewards for "
           f"{len(texts)} completions")
-    r = torch.tensor([float(x) for x in rewards], device=device)
+    values = []
+    for i, x in enumerate(rewards):
+        try:
+            values.append(float(x))
+        except (TypeError, ValueError):
+            raise FastftError(f"the reward function returned {x!r} for completion {i}: rewards "
+                              "must be numbers") from None
+    bad = sum(not math.isfinite(v) for v in values)
+    check(bad == 0, f"reward_fn returned NaN or inf for {bad} of {len(values)} completions: "
+          "return a finite number for each (e.g. 0.0 for an answer it cannot parse)")
+    r = torch.tensor(values, device=device)
     return r, group_advantages(r, G, cfg.scale_rewards)
 
 
