@@ -73,8 +73,8 @@ def register(info: OpInfo) -> OpInfo:
 
 
 def registered() -> dict[str, OpInfo]:
-    from . import ops  # noqa: F401  (importing fastft.ops registers every op)
-
+    """The ops registered so far: each op module registers itself when imported (``fastft
+    info`` imports fastft.ops first, so that all of them are listed)."""
     return dict(_OPS)
 
 

@@ -31,7 +31,7 @@ def cmd_info(args) -> int:
     import torch
     import transformers
 
-    from . import __version__, backends
+    from . import __version__, backends, ops  # noqa: F401  (importing ops registers them all)
 
     try:
         import triton
@@ -90,7 +90,15 @@ def cmd_bench(args) -> int:
         if not torch.cuda.is_available():
             raise FastftError("--device cuda but torch sees no CUDA device; use --device cpu")
     names = suites() if args.suite == "all" else [args.suite]
-    ops = set(args.op.split(",")) if args.op else None
+    ops = {o.strip() for o in args.op.split(",") if o.strip()} if args.op else None
+    if ops:
+        from .bench.harness import suite_ops
+
+        known = set().union(*(suite_ops(n, device) for n in names))
+        unknown = sorted(ops - known)
+        if unknown:
+            raise FastftError(f"--op {','.join(unknown)} names no op of suite {args.suite}; its "
+                              f"ops are: {', '.join(sorted(known))}")
     for name in names:
         run_suite(name, device, args.out, quick=args.quick, ops=ops)
     print(f"\nresults: {args.out}/results.json and results.md")
@@ -146,9 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _negative_values(argv: list[str]) -> list[str]:
+    """``--lr -1e-3`` as ``--lr=-1e-3``: argparse reads a token that starts with "-" and is
+    not a plain number (1e-3 is not, to it) as an option."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if a.startswith("--") and "=" not in a and nxt is not None and nxt.startswith("-"):
+            try:
+                float(nxt.split(",")[0])
+            except ValueError:
+                pass
+            else:
+                out.append(f"{a}={nxt}")
+                i += 2
+                continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_negative_values(sys.argv[1:] if argv is None else list(argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

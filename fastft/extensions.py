@@ -81,6 +81,10 @@ def build(name: str, sources: list[Path], *, flags: tuple[str, ...] = CPP_FLAGS,
     sources = [Path(s).resolve() for s in sources]
     out = cache_dir() / f"{name}-{_key(sources, flags)}"
     out.mkdir(parents=True, exist_ok=True)
+    if not any(out.glob("*.so")):  # the wait is visible: one line, once per build
+        shown = ", ".join(s.name for s in sources)
+        print(f"fastft: building {shown} (first use, ~30 s; cached in {out})", file=sys.stderr,
+              flush=True)
     return cpp_extension.load(
         name=f"fastft_{name}", sources=[str(s) for s in sources], build_directory=str(out),
         extra_cflags=list(flags), extra_ldflags=["-fopenmp"], verbose=verbose)

@@ -109,7 +109,7 @@ def prepare(model: nn.Module, method=None, *, loss_head: bool = True) -> nn.Modu
             dt = adapter_dtype(base.weight.dtype, method.adapter_dtype)
             layer = LoRASBLinear(base, method.r, dtype=dt) if isinstance(method, LoRASB) else \
                 LoRALinear(base, method.r, method.alpha, method.dropout, method.rslora, dtype=dt)
-            _set(model, path, layer)
+            _set(model, path, layer.train(base.training))  # the model's train / eval mode
     model._fastft = types.SimpleNamespace(method=method, targets=targets, forward=None)
     if loss_head:
         _patch_forward(model)
@@ -126,7 +126,7 @@ def _restore(model: nn.Module) -> nn.Module:
     """Put the base layers and the class's forward back, W0 as it is now."""
     state = _state(model)
     for path, layer in adapter_layers(model).items():
-        _set(model, path, layer.base_layer)
+        _set(model, path, layer.base_layer.train(layer.training))
     if state.forward is not None:
         del model.forward  # the instance attribute; the class's forward shows through again
     del model._fastft

@@ -79,3 +79,31 @@ def test_train_help_documents_every_option():
         flag = {"output_dir": "--output", "resume_from": "--resume"}.get(f.name,
                                                                           "--" + f.name.replace("_", "-"))
         assert flag in out, flag
+
+
+def test_toml_paths_are_relative_to_the_file_and_rewards_import_from_the_cwd(tmp_path,
+                                                                            monkeypatch):
+    import sys as _sys
+
+    from fastft.train.cli import load_reward
+
+    from .train.helpers import tiny_setup, write_data
+
+    project = tmp_path / "project"
+    model, tok = tiny_setup()
+    model.save_pretrained(project / "model")
+    tok.save_pretrained(project / "model")
+    write_data(project, n=4)
+    (project / "run.toml").write_text('model = "model"\ndata = "sft.jsonl"\noutput_dir = "runs/a"\n'
+                                      "max_steps = 1\nbatch_size = 4\nmax_length = 32\n"
+                                      "progress = false\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--config", str(project / "run.toml")]) == 0
+    assert (project / "runs" / "a" / "metrics.jsonl").is_file()
+    # module:function and file.py:function, both from the working directory
+    (elsewhere / "my_rewards.py").write_text("def score(p, c, **_):\n    return [1.0] * len(c)\n")
+    assert load_reward("my_rewards:score")([], ["x", "y"]) == [1.0, 1.0]
+    assert load_reward("my_rewards.py:score")([], ["x"]) == [1.0]
+    assert str(elsewhere) not in _sys.path  # the path is not left changed

@@ -149,6 +149,11 @@ def _suite(name: str):
         raise FastftError(f"no bench suite named {name!r}; suites: {', '.join(suites())}") from e
 
 
+def suite_ops(name: str, device: str) -> set[str]:
+    """The op names of a suite's cases (what ``--op`` may name)."""
+    return {case.op for case in _suite(name).cases(device, quick=True)}
+
+
 def suites() -> list[str]:
     here = Path(__file__).parent / "suites"
     return sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))

@@ -85,7 +85,8 @@ class LIFT(Hooks):
             m, n = mod.weight.shape
             check(self.filter_rank <= min(m, n),
                   f"LIFT filter_rank {self.filter_rank} is above the rank of {path} ({m} x {n}, "
-                  f"rank at most {min(m, n)}): use filter_rank <= {min(m, n)}")
+                  f"rank at most {min(m, n)}): use filter_rank <= {min(m, n)} (fastft train: "
+                  "--lift-filter-rank)")
         freeze(model)
         for mod in targets.values():
             mod.weight.requires_grad_(True)

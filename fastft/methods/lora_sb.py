@@ -42,7 +42,8 @@ def initialize(model: nn.Module, batches, *, total_steps: int, lr: float | None 
         r = layer.r
         check(r <= min(layer.in_features, layer.out_features),
               f"LoRA-SB rank {r} exceeds the layer's smaller side "
-              f"({layer.in_features} x {layer.out_features}): use a smaller r")
+              f"({layer.in_features} x {layer.out_features}): use a smaller r (fastft train: "
+              "--lora-r)")
         layer.base_layer.weight.requires_grad_(True)
         layer.base_layer.weight.grad = None
         layer.disabled = True  # plain nn.Linear: autograd forms the weight gradient

@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import importlib
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 from ..errors import FastftError, check
@@ -15,10 +17,15 @@ HELP = {
     "objective": "sft or grpo", "loss": "SFT loss: ce, dft, asft or otr",
     "method": "lora, lora-sb, full, lift, hft or ltsft", "lora_r": "adapter rank (default: the method's, LoRA 16, LoRA-SB 96)",
     "adapter_dtype": "float32 (adapters fp32 on a bf16/fp16 model) or base",
+    "lift_lora_rank": "LIFT: entries per matrix as for a LoRA of this rank",
+    "lift_filter_rank": "LIFT: rank of the approximation whose largest entries train",
+    "lift_refresh_every": "LIFT: steps between mask refreshes (0: never)",
+    "hft_seed": "HFT: seed of the frozen halves (default: --seed)",
+    "ltsft_proportion": "LT-SFT: fraction of the entries re-trained",
     "lora_alpha": "LoRA alpha (scale alpha / r)", "lora_dropout": "dropout on the LoRA input",
     "target_modules": "'all-linear', comma-separated names, or a regex over module paths",
     "rslora": "scale alpha / sqrt(r)", "max_length": "tokens per example",
-    "truncation": "cut examples longer than max_length (else: an error)",
+    "truncation": "cut examples longer than max_length and count them (else: an error)",
     "packing": "pack examples into rows of max_length without padding",
     "completion_only": "learn only the completion tokens (prompt masked)",
     "skip_invalid": "skip bad records (and report how many) instead of stopping",
@@ -43,16 +50,20 @@ HELP = {
     "seed": "random seed", "log_every": "steps between metric lines",
     "save_every": "steps between checkpoints (0: only at the end)",
     "resume_from": "a checkpoint-<step> folder to continue from",
+    "overwrite": "replace a previous run in the output folder (its config, metrics, "
+    "checkpoints)",
     "progress": "show a progress bar",
 }
 RENAMED = {"output_dir": "output", "resume_from": "resume"}
-TYPES = {"lora_r": int, "delta": float}  # fields whose default is None
+TYPES = {"lora_r": int, "delta": float, "hft_seed": int}  # fields whose default is None
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a TOML file of these options (flags override it)")
     p.add_argument("--model", help="a local transformers causal LM folder (safetensors)")
-    p.add_argument("--data", help="training data: JSONL or Parquet (prompt/completion or "
+    p.add_argument("--data", help="training data: JSONL, a JSON array or Parquet "
+                   "(prompt/completion or "
                    "messages; GRPO: prompt and reward columns)")
     p.add_argument("--eval-data", help="held-out data in the same format (SFT: eval loss)")
     p.add_argument("--reward", help="GRPO reward function as module:function or file.py:function")
@@ -73,7 +84,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _parse_value(name: str, value):
     if name == "adam_betas" and isinstance(value, str):
-        return [float(x) for x in value.split(",")]
+        try:
+            return [float(x) for x in value.split(",")]
+        except ValueError:
+            raise FastftError(f"--adam-betas {value!r}: give two numbers, e.g. 0.9,0.999") \
+                from None
     if name == "target_modules" and isinstance(value, str) and value != "all-linear" \
             and "," in value:
         return [x.strip() for x in value.split(",") if x.strip()]
@@ -85,9 +100,13 @@ def config_from_args(args) -> tuple[TrainConfig, dict]:
     values, inputs = {}, {}
     if args.config:
         values = read_toml(args.config)
+        here = Path(args.config).parent
         for key in ("model", "data", "eval_data", "reward"):
             if key in values:
-                inputs[key] = values.pop(key)
+                inputs[key] = _relative_to(here, key, values.pop(key))
+        for key in ("output_dir", "resume_from"):
+            if isinstance(values.get(key), str):
+                values[key] = str(here / values[key])
     for f in dataclasses.fields(TrainConfig):
         v = getattr(args, f.name)
         if v is not None:
@@ -96,10 +115,24 @@ def config_from_args(args) -> tuple[TrainConfig, dict]:
         v = getattr(args, key)
         if v is not None:
             inputs[key] = v
-    return TrainConfig.from_dict(values, source=args.config or "flags"), inputs
+    return TrainConfig.from_dict(values, source=args.config), inputs
+
+
+def _relative_to(folder: Path, key: str, value):
+    """A path named in a TOML file, relative to the file's folder (a reward module:function
+    stays as it is; its file.py form is a path)."""
+    check(isinstance(value, str), f"{key} must be a string (a path); got {value!r}")
+    if key == "reward":
+        where, sep, name = value.rpartition(":")
+        if sep and where.endswith(".py") and not Path(where).is_absolute():
+            return f"{folder / where}:{name}"
+        return value
+    return str(folder / value)
 
 
 def load_reward(spec: str):
+    """``file.py:function`` (a path) or ``module:function`` (imported with the working
+    directory on the path, as ``python -c`` would)."""
     check(":" in spec, f"--reward {spec!r}: give module:function or file.py:function")
     where, name = spec.rsplit(":", 1)
     if where.endswith(".py"):
@@ -107,12 +140,24 @@ def load_reward(spec: str):
         check(path.is_file(), f"reward file {path} not found")
         sp = importlib.util.spec_from_file_location(path.stem, path)
         mod = importlib.util.module_from_spec(sp)
-        sp.loader.exec_module(mod)
+        try:
+            sp.loader.exec_module(mod)
+        except Exception as e:
+            raise FastftError(f"--reward: {path} failed to import: {type(e).__name__}: {e}") \
+                from e
     else:
+        cwd = os.getcwd()
+        added = cwd not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
         try:
             mod = importlib.import_module(where)
-        except ImportError as e:
-            raise FastftError(f"--reward: cannot import {where!r} ({e})") from e
+        except Exception as e:
+            raise FastftError(f"--reward: cannot import {where!r} from {cwd} "
+                              f"({type(e).__name__}: {e})") from e
+        finally:
+            if added:
+                sys.path.remove(cwd)
     fn = getattr(mod, name, None)
     check(callable(fn), f"--reward: {where} has no function {name!r}")
     return fn
@@ -130,6 +175,9 @@ def load_model(path: str):
           "model folder")
     check(any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")),
           f"{folder} has no model weights (*.safetensors)")
+    check(any((folder / f).is_file() for f in TOKENIZER_FILES),
+          f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:2])}, ...): save it beside "
+          f"the weights, tokenizer.save_pretrained({str(folder)!r})")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -149,13 +197,26 @@ def run(args) -> int:
         return 0
     check(bool(inputs.get("model")), "--model PATH is needed (a local transformers causal LM "
           "folder), or run `fastft train` with no arguments for the embedded demo")
-    check(bool(inputs.get("data")), "--data FILE is needed (JSONL or Parquet)")
-    check(Path(inputs["data"]).is_file(), f"data file {inputs['data']} not found")
+    check(bool(inputs.get("data")), "--data FILE is needed (JSONL, a JSON array or Parquet)")
+    # the data files are read (and any error in them shown) before the model loads
+    from . import data
+
+    records = data.read_records(inputs["data"], "data", skip_invalid=cfg.skip_invalid)
+    eval_records = data.read_records(inputs["eval_data"], "eval_data",
+                                     skip_invalid=cfg.skip_invalid) \
+        if inputs.get("eval_data") else None
     reward = load_reward(inputs["reward"]) if cfg.objective == "grpo" and inputs.get("reward") \
         else None
     check(cfg.objective != "grpo" or reward is not None,
           "objective grpo needs --reward module:function")
+    # the run folder (--overwrite) and the checkpoint to resume are checked before the model loads
+    from . import checkpoint
+
+    if cfg.output_dir:
+        checkpoint.check_output_dir(cfg.output_dir, overwrite=cfg.overwrite,
+                                    resume_from=cfg.resume_from, any_content=True)
+    if cfg.resume_from:
+        checkpoint.verify_checkpoint(cfg.resume_from)
     model, tok = load_model(inputs["model"])
-    Trainer(model, tok, inputs["data"], cfg, reward_fn=reward,
-            eval_data=inputs.get("eval_data")).train()
+    Trainer(model, tok, records, cfg, reward_fn=reward, eval_data=eval_records).train()
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,12 +29,20 @@ class TrainConfig:
     target_modules: str | list[str] = "all-linear"
     rslora: bool = False
     adapter_dtype: str = "float32"  # float32 (adapters fp32 on a bf16/fp16 model) | base
+    lift_lora_rank: int = 128  # LIFT: k = min((m + n) x lift_lora_rank, m x n) entries a matrix
+    lift_filter_rank: int = 64  # LIFT: rank of the approximation whose largest entries train
+    lift_refresh_every: int = 400  # LIFT: optimizer steps between mask refreshes (0: never)
+    hft_seed: int | None = None  # HFT: seed of the frozen halves (None: the run's seed)
+    ltsft_proportion: float = 0.01  # LT-SFT: fraction of the entries re-trained
     # data
     max_length: int = 1024
+    # an example longer than max_length is cut to it, and the run prints how many were
+    # (one whose prompt fills max_length is dropped and counted); False: an over-long
+    # example is an error naming it (with skip_invalid: skipped and counted)
     truncation: bool = True
     packing: bool = False
     completion_only: bool = True
-    skip_invalid: bool = False
+    skip_invalid: bool = False  # skip (and count) unreadable / bad records, not stop
     # optimisation
     batch_size: int = 8  # sequences (sft) or completions (grpo) per micro-batch and process
     grad_accum: int = 1
@@ -72,12 +81,26 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 0  # 0: only at the end
     resume_from: str | None = None
+    overwrite: bool = False  # replace a previous run in output_dir (its checkpoints, metrics)
     progress: bool = True
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> TrainConfig:
+        if isinstance(self.bf16, bool):  # TOML's true / false
+            self.bf16 = str(self.bf16).lower()
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            ok, value = _conform(v, hints[f.name])
+            check(ok, f"{f.name} must be {_describe(hints[f.name])}; got {v!r} "
+                  f"({type(v).__name__})")
+            setattr(self, f.name, value)
+        self._check_values()
+        return self
+
+    def _check_values(self) -> None:
         check(self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}; "
               f"got {self.objective!r}")
         check(self.loss in SFT_LOSSES, f"loss must be one of {', '.join(SFT_LOSSES)}; got "
@@ -106,8 +129,33 @@ class TrainConfig:
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}")
         check(str(self.bf16).lower() in ("auto", "true", "false"),
               f"bf16 must be auto, true or false; got {self.bf16!r}")
-        check(len(self.adam_betas) == 2, "adam_betas must be two numbers")
-        return self
+        check(len(self.adam_betas) == 2 and all(0.0 <= b < 1.0 for b in self.adam_betas),
+              f"adam_betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {self.adam_betas}")
+        check(self.adam_eps > 0, f"adam_eps must be > 0; got {self.adam_eps}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0; got {self.weight_decay}")
+        check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0: no clipping); got "
+              f"{self.max_grad_norm}")
+        check(self.epochs >= 0, f"epochs must be >= 0; got {self.epochs}")
+        check(self.lora_alpha > 0, f"lora_alpha must be > 0; got {self.lora_alpha}")
+        check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1); got "
+              f"{self.lora_dropout}")
+        for name in ("kl_coef", "otr_beta", "beta", "eps_low", "eps_high"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0; got {getattr(self, name)}")
+        for name in ("otr_temperature", "sampling_temperature"):
+            check(getattr(self, name) > 0, f"{name} must be > 0 (sampling needs a temperature; "
+                  f"there is no greedy mode); got {getattr(self, name)}")
+        for name, allowed in (("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo")),
+                              ("importance_level", ("token", "sequence")),
+                              ("scale_rewards", ("group", "batch", "none"))):
+            check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}; "
+                  f"got {getattr(self, name)!r}")
+        check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")
+        for name in ("lift_lora_rank", "lift_filter_rank"):
+            check(getattr(self, name) >= 1, f"{name} must be >= 1; got {getattr(self, name)}")
+        check(self.lift_refresh_every >= 0, "lift_refresh_every must be >= 0 (0: never); got "
+              f"{self.lift_refresh_every}")
+        check(0 < self.ltsft_proportion <= 1, "ltsft_proportion must be in (0, 1]; got "
+              f"{self.ltsft_proportion}")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -121,14 +169,54 @@ class TrainConfig:
                               f"{', '.join(cls.keys())}")
         try:
             return cls(**values)
-        except TypeError as e:
-            raise FastftError(f"{source}: {e}") from e
+        except (TypeError, FastftError) as e:
+            raise FastftError(f"{source}: {e}" if source else str(e)) from e
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> TrainConfig:
         return dataclasses.replace(self, **changes)
+
+
+_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+          type(None): "unset"}
+
+
+def _describe(hint) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if args:
+        return " or ".join(_describe(a) for a in args)
+    return _WORDS.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _conform(value, hint) -> tuple[bool, object]:
+    """(whether ``value`` fits the annotation ``hint``, the value as stored: ints become
+    floats where a float is wanted, a tuple a list)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [_conform(v, args[0]) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if args:  # a union
+        for a in args:
+            ok, v = _conform(value, a)
+            if ok:
+                return True, v
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    return isinstance(value, hint), value
 
 
 def read_toml(path: str | Path) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -19,13 +18,13 @@ import torch
 
 from .. import losses
 from .. import methods as _methods
-from ..errors import check
+from ..errors import FastftError, check
 from ..methods.lora import adapter_layers
 from ..patch import disable_adapters, next_token_labels, output_head, prepare
 from . import checkpoint, data, distributed, rollout
 from .config import TrainConfig
 from .loss_model import CausalLMLoss
-from .runlog import RunLog, peak_memory_mb, summary_table
+from .runlog import RunLog, peak_memory_mb, progress, summary_table
 
 
 def make_method(cfg: TrainConfig):
@@ -39,11 +38,19 @@ def make_method(cfg: TrainConfig):
                                warmup_ratio=cfg.warmup_ratio, adapter_dtype=cfg.adapter_dtype)
     if cfg.method == "full":
         return _methods.Full()
-    import fastft
+    if cfg.method == "lift":
+        return _methods.LIFT(lora_rank=cfg.lift_lora_rank, filter_rank=cfg.lift_filter_rank,
+                             refresh_every=cfg.lift_refresh_every, seed=cfg.seed)
+    if cfg.method == "hft":
+        return _methods.HFT(seed=cfg.seed if cfg.hft_seed is None else cfg.hft_seed)
+    return _methods.LTSFT(proportion=cfg.ltsft_proportion)
 
-    cls = {"lift": "LIFT", "hft": "HFT", "ltsft": "LTSFT"}[cfg.method]
-    check(hasattr(fastft, cls), f"method {cfg.method!r} is not available in this fastft")
-    return getattr(fastft, cls)()
+
+def method_name(method) -> str | None:
+    """The TrainConfig.method of a prepared method object (None for a user's own class)."""
+    names = {_methods.LoRA: "lora", _methods.LoRASB: "lora-sb", _methods.Full: "full",
+             _methods.LIFT: "lift", _methods.HFT: "hft", _methods.LTSFT: "ltsft"}
+    return names.get(type(method))
 
 
 def lr_lambda(cfg: TrainConfig, total: int):
@@ -68,7 +75,11 @@ class Trainer:
               "objective 'grpo' needs reward_fn(prompts, completions, **columns) -> rewards")
         self.dist = distributed.setup()
         self.device = self.dist.device
+        torch.manual_seed(cfg.seed)  # before any random initialisation: adapters, LoRA-SB
         self.tokenizer = tokenizer
+        check(tokenizer.pad_token_id is not None or tokenizer.eos_token_id is not None,
+              "the tokenizer has neither a pad nor an eos token: set one, e.g. "
+              "tokenizer.pad_token = '<pad>' (and resize the embeddings if it is new)")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.reward_fn = reward_fn
@@ -76,6 +87,10 @@ class Trainer:
         if not hasattr(model, "_fastft"):
             prepare(model, make_method(cfg))
         self.method = model._fastft.method
+        prepared = method_name(self.method)
+        check(prepared in (None, cfg.method), f"the model was prepared with "
+              f"{type(self.method).__name__} ({prepared}) but TrainConfig.method is "
+              f"{cfg.method!r}: set method={prepared!r}, or pass an unprepared model")
         if cfg.gradient_checkpointing:
             kwargs = {"use_reentrant": False}
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -100,12 +115,14 @@ class Trainer:
         self.own_sync = self.dist.on and hasattr(self.method, "prepare_model")
         self.engine = self.loss_model if self.own_sync else \
             distributed.wrap(self.loss_model, self.dist, fsdp=self.fsdp)
+        self.out = Path(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.objective}")
+        checkpoint.check_output_dir(self.out, overwrite=cfg.overwrite, resume_from=cfg.resume_from)
+        self.dist.barrier()  # every process has looked before the first writes into it
         if cfg.resume_from and hasattr(self.method, "load_state_dict"):
             # first: the method's state decides which optimizer it makes (LT-SFT's phase)
             self.method.load_state_dict(checkpoint.load_method_state(cfg.resume_from))
         self.optimizer = self._optimizer()
         self.scheduler = self._schedule()
-        self.out = Path(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.objective}")
         self.state = {"step": 0, "position": 0, "phase": 0, "epoch": -1}
         if cfg.resume_from:
             self.state = checkpoint.load_checkpoint(
@@ -120,16 +137,17 @@ class Trainer:
         return self.dist.on and self.cfg.fsdp
 
     def _load(self, source, name):
-        recs = data.read_records(source, name)
+        recs = data.read_records(source, name, skip_invalid=self.cfg.skip_invalid)
         if self.cfg.objective == "grpo":
-            rows, skipped = data.read_prompts(recs, self.cfg.skip_invalid)
+            rows, stats = data.read_prompts(recs, self.cfg.skip_invalid, self.tokenizer)
         else:
-            rows, skipped = data.tokenize_sft(
+            rows, stats = data.tokenize_sft(
                 recs, self.tokenizer, max_length=self.cfg.max_length,
                 truncation=self.cfg.truncation, completion_only=self.cfg.completion_only,
                 skip_invalid=self.cfg.skip_invalid)
-        if skipped and self.dist.main:
-            print(f"fastft: skipped {skipped} invalid record(s) of {name} (skip_invalid)")
+        if self.dist.main:  # skipped (skip_invalid), truncated, dropped: one line each
+            for line in stats.lines(name, self.cfg.max_length):
+                print(line)
         return rows
 
     def _reference_model(self):
@@ -165,12 +183,15 @@ class Trainer:
     def train(self) -> dict:
         cfg, d = self.cfg, self.dist
         if d.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        log = RunLog(self.out, self.total_steps, enabled=d.main, progress=cfg.progress,
-                     title=f"{cfg.objective}/{cfg.loss if cfg.objective == 'sft' else cfg.loss_type}")
-        self._initialize_method()
+            checkpoint.start_run(self.out, cfg.to_dict(), overwrite=cfg.overwrite,
+                                 resume_from=cfg.resume_from)
         phases = self.method.phases() if hasattr(self.method, "phases") else ["train"]
+        self.log = log = RunLog(
+            self.out, self.total_steps, enabled=d.main, progress=cfg.progress,
+            title=f"{cfg.objective}/{cfg.loss if cfg.objective == 'sft' else cfg.loss_type}")
+        if cfg.resume_from:  # the rows past the checkpoint are logged again
+            log.keep_until(self.state["phase"], self.state["step"], phases)
+        self._initialize_method()
         t0, tokens, last = time.perf_counter(), 0, {}
         try:
             for p in range(self.state["phase"], len(phases)):
@@ -185,6 +206,7 @@ class Trainer:
                     if self.own_sync:
                         distributed.average_(self._grad_tensors(), self.dist)
                     norm = self._clip()
+                    self._check_finite(step, metrics["loss"], norm)
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -240,9 +262,14 @@ class Trainer:
         """Sample completions, score them, and one update on the group-relative advantages."""
         cfg, d = self.cfg, self.dist
         rows = self._next_prompts()
+        if getattr(self, "log", None) is not None:
+            self.log.note(f"sampling {len(rows) * cfg.num_generations} completions")
         roll = rollout.generate(self.model, self.tokenizer, [r["prompt"] for r in rows], cfg,
                                 self.device)
-        rewards, adv = rollout.score(self.reward_fn, rows, roll["texts"], cfg, self.device)
+        try:
+            rewards, adv = rollout.score(self.reward_fn, rows, roll["texts"], cfg, self.device)
+        except FastftError as e:  # before any backward: the step is named, nothing is applied
+            raise FastftError(f"step {self.state['step'] + 1}: {e}") from e
         N = rewards.shape[0]
         n_local = roll["completion_mask"].sum().float()
         n_completion = d.all_sum(n_local)  # all processes
@@ -341,6 +368,19 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _check_finite(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        """Stop before the optimizer step when the loss or the gradient norm is not finite
+        (one host sync per step), so no NaN reaches the weights or a checkpoint."""
+        vals = torch.stack([loss.detach().float().reshape(()), norm.detach().float()
+                            .reshape(()).to(loss.device)])
+        if bool(torch.isfinite(vals).all()):
+            return
+        what = "loss" if not bool(torch.isfinite(vals[0])) else "gradient norm"
+        raise FastftError(
+            f"step {step}: the {what} is {float(vals[0] if what == 'loss' else vals[1])}; "
+            "stopped before the optimizer step (the newest checkpoint is the last good one): "
+            "lower lr, check the data of this step, or keep max_grad_norm > 0")
+
     def _grad_tensors(self) -> list[torch.Tensor]:
         opt = self.optimizer
         if hasattr(opt, "grad_tensors"):  # SparseAdamW: compact buffers and dense grads
@@ -427,7 +467,7 @@ class Trainer:
                 model=self.model, optimizer=self.optimizer,
                 scheduler=self.scheduler, method_state=method_state,
                 trainer_state={"state": self.state, "config": self.cfg.to_dict()},
-                model_state=model_state, optimizer_state=optim_state)
+                model_state=model_state, optimizer_state=optim_state, tokenizer=self.tokenizer)
         d.barrier()
         return path
 
@@ -439,15 +479,19 @@ class Trainer:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         count = torch.zeros((), device=self.device)
-        for i in range(0, len(self.eval_rows), self.cfg.batch_size):
+        lm = self.loss_model
+        starts = range(0, len(self.eval_rows), self.cfg.batch_size)
+        for i in progress(starts, f"evaluating {len(self.eval_rows)} records",
+                          enabled=self.cfg.progress and self.dist.main):
             b = data.collate(self.eval_rows[i:i + self.cfg.batch_size],
                              self.tokenizer.pad_token_id)
             b = {k: v.to(self.device) for k, v in b.items()}
             labels = next_token_labels(b["labels"])
             with self._autocast():
-                h = self.loss_model.hidden(b)
+                h = lm.hidden(b)  # the model's own logits: softcap, temperature, head bias
                 total += losses.cross_entropy(h, output_head(self.model).weight, labels,
-                                              reduction="sum")
+                                              reduction="sum", softcap=lm.softcap,
+                                              temperature=lm.temperature, bias=lm.head_bias())
             count += (labels != -100).sum()
         self.model.train(was)
         return float(total / count.clamp(min=1))

@@ -84,9 +84,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_grpo_raises_the_mean_reward(tmp_path, method):
     model, tok = tiny_setup(seed=1)
-    cfg = TrainConfig(objective="grpo", method=method, lr=2e-2 if method == "lora" else 5e-3,
+    # LoRA starts at B = 0 and moves slower: more steps (the gain is 0.055-0.073 over seeds 0-2)
+    cfg = TrainConfig(objective="grpo", method=method, lr=4e-2 if method == "lora" else 5e-3,
                       batch_size=32, prompts_per_step=4, num_generations=8,
-                      max_completion_length=6, max_steps=12, warmup_ratio=0.0,
+                      max_completion_length=6, max_steps=20 if method == "lora" else 12,
+                      warmup_ratio=0.0,
                       schedule="constant", progress=False, lora_r=4, beta=0.02,
                       output_dir=str(tmp_path / "run"))
     summary = Trainer(model, tok, str(write_data(tmp_path, kind="prompts")), cfg,

@@ -1,0 +1,43 @@
+"""The layers of DESIGN.md import downwards only: no module imports a higher layer."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "fastft"
+
+
+def imported(path: Path) -> set[str]:
+    """The fastft modules ``path`` imports (absolute names), at any depth of the file."""
+    package = ".".join(path.relative_to(PKG.parent).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] \
+                if node.level else []
+            mod = ".".join([*base, node.module] if node.module else base)
+            names.add(mod)
+            names.update(f"{mod}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return {n for n in names if n == "fastft" or n.startswith("fastft.")}
+
+
+def files(*parts):
+    target = PKG.joinpath(*parts)
+    return sorted(target.glob("*.py")) if target.is_dir() else [target]
+
+
+@pytest.mark.parametrize("path,forbidden", [
+    *[(p, ("fastft.ops",)) for p in files("backends.py")],
+    *[(p, ("fastft.", "fastft")) for p in files("safeio.py")],
+    *[(p, ("fastft.adapters", "fastft.train", "fastft.patch")) for p in files("optim")],
+    *[(p, ("fastft.adapters", "fastft.train")) for p in files("methods")],
+], ids=lambda v: v.name if isinstance(v, Path) else "")
+def test_no_import_of_a_higher_layer(path, forbidden):
+    allowed = {"fastft.errors", "fastft.errors.FastftError", "fastft.errors.check"}
+    bad = sorted(n for n in imported(path) - allowed
+                 if any(n == f or n.startswith(f if f.endswith(".") else f + ".")
+                        for f in forbidden))
+    assert not bad, f"{path.relative_to(PKG.parent)} imports {bad}"
