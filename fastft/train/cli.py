@@ -22,6 +22,11 @@ HELP = {
     "lift_refresh_every": "LIFT: steps between mask refreshes (0: never)",
     "hft_seed": "HFT: seed of the frozen halves (default: --seed)",
     "ltsft_proportion": "LT-SFT: fraction of the entries re-trained",
+    "masked_thought": "Masked Thought: probability of masking a completion input token "
+    "(ramps up over the first 2/3 of the steps)",
+    "mask_token_id": "the token Masked Thought puts in (default: unk, else pad)",
+    "key_tokens": "key-token weighted SFT: a regex marking key tokens of the completion",
+    "key_max_weight": "the largest weight of a key token",
     "lora_alpha": "LoRA alpha (scale alpha / r)", "lora_dropout": "dropout on the LoRA input",
     "target_modules": "'all-linear', comma-separated names, or a regex over module paths",
     "rslora": "scale alpha / sqrt(r)", "max_length": "tokens per example",
@@ -55,7 +60,7 @@ HELP = {
     "progress": "show a progress bar",
 }
 RENAMED = {"output_dir": "output", "resume_from": "resume"}
-TYPES = {"lora_r": int, "delta": float, "hft_seed": int}  # fields whose default is None
+TYPES = {"lora_r": int, "delta": float, "hft_seed": int, "mask_token_id": int}  # fields whose default is None
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 

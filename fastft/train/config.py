@@ -43,6 +43,10 @@ class TrainConfig:
     packing: bool = False
     completion_only: bool = True
     skip_invalid: bool = False  # skip (and count) unreadable / bad records, not stop
+    masked_thought: float = 0.0  # Masked Thought: p of masking a completion input token
+    mask_token_id: int | None = None  # its replacement (None: the tokenizer's unk, else pad)
+    key_tokens: str | None = None  # key-token weighted SFT: a regex over the completion text
+    key_max_weight: float = 9.0  # a key token weighs min(N_other / N_key, this)
     # optimisation
     batch_size: int = 8  # sequences (sft) or completions (grpo) per micro-batch and process
     grad_accum: int = 1
@@ -156,6 +160,20 @@ class TrainConfig:
               f"{self.lift_refresh_every}")
         check(0 < self.ltsft_proportion <= 1, "ltsft_proportion must be in (0, 1]; got "
               f"{self.ltsft_proportion}")
+        check(0 <= self.masked_thought < 1, "masked_thought (a probability) must be in "
+              f"[0, 1); got {self.masked_thought}")
+        check(self.mask_token_id is None or self.mask_token_id >= 0,
+              f"mask_token_id must be >= 0; got {self.mask_token_id}")
+        check(self.key_max_weight >= 1, f"key_max_weight must be >= 1; got "
+              f"{self.key_max_weight}")
+        if self.key_tokens is not None:
+            import re
+
+            try:
+                re.compile(self.key_tokens)
+            except re.error as e:
+                raise FastftError(f"key_tokens {self.key_tokens!r} is not a valid regex: {e}") \
+                    from e
 
     @classmethod
     def keys(cls) -> list[str]:

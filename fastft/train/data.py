@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FastftError, check
+from .key_tokens import completion_weights
 from .records import Record, check_file, read_records  # noqa: F401 (data.read_records)
 
 
@@ -104,8 +105,12 @@ def _sft_parts(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
 
 
 def tokenize_sft(records: list[Record], tokenizer, *, max_length: int, truncation: bool,
-                 completion_only: bool, skip_invalid: bool) -> tuple[list[dict], DataStats]:
-    """[{input_ids, labels}], and what became of the records (DataStats).
+                 completion_only: bool, skip_invalid: bool, key_tokens: str | None = None,
+                 key_max_weight: float = 9.0) -> tuple[list[dict], DataStats]:
+    """[{input_ids, labels[, weights]}], and what became of the records (DataStats).
+
+    ``weights`` (key-token weighted SFT, fastft/train/key_tokens.py): one number per
+    position, for records with ``key_spans`` or ``weights`` or under ``key_tokens``.
 
     An example longer than ``max_length`` is cut to it and counted (``truncation``);
     one whose prompt fills ``max_length`` has no completion token left to learn and
@@ -119,12 +124,21 @@ def tokenize_sft(records: list[Record], tokenizer, *, max_length: int, truncatio
             prompt, completion = _sft_parts(rec, tokenizer)
             ids = prompt + completion
             labels = ([-100] * len(prompt) if completion_only else prompt) + completion
+            weights = None
+            if key_tokens is not None or "key_spans" in rec.fields or "weights" in rec.fields:
+                check("completion" in rec.fields, f"{rec.where}: key-token weighting needs "
+                      "a prompt/completion record")
+                cw = completion_weights(rec.where, rec.fields, tokenizer,
+                                        _text(rec, "completion"), len(completion), key_tokens,
+                                        key_max_weight)
+                weights = [1.0] * len(prompt) + cw
             cut = len(ids) > max_length
             if cut:
                 check(truncation, f"{rec.where}: {len(ids)} tokens, longer than "
                       f"max_length={max_length} (raise max_length, or truncation=true "
                       "(--truncation) to cut it)")
                 ids, labels = ids[:max_length], labels[:max_length]
+                weights = weights[:max_length] if weights is not None else None
             check(cut or any(t != -100 for t in labels[1:]), f"{rec.where}: no completion "
                   "token to learn")
         except FastftError:
@@ -136,7 +150,8 @@ def tokenize_sft(records: list[Record], tokenizer, *, max_length: int, truncatio
             stats.dropped += 1
             continue
         stats.truncated += cut
-        out.append({"input_ids": ids, "labels": labels})
+        out.append({"input_ids": ids, "labels": labels} if weights is None else
+                   {"input_ids": ids, "labels": labels, "weights": weights})
     check(bool(out), f"no usable training records: of {stats.records}, {stats.invalid} invalid "
           f"(skip_invalid), {stats.dropped} with no completion token within "
           f"max_length={max_length}")
@@ -175,7 +190,8 @@ def read_prompts(records: list[Record], skip_invalid: bool,
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, labels (-100 at padding), attention_mask."""
+    """Right-padded batch: input_ids, labels (-100 at padding), attention_mask (and
+    weights, 0 at padding, when an example has them)."""
     n = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), n), -100, dtype=torch.long)
@@ -185,7 +201,29 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :k] = torch.tensor(e["input_ids"])
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return _with_weights(out, examples, [(i, 0) for i in range(len(examples))])
+
+
+def _with_weights(batch: dict, examples: list[dict], places: list[tuple[int, int]]) -> dict:
+    """Add ``weights`` [B, S] (1 for an example without, 0 at padding) when any has them;
+    ``places``: (row, start) of each example."""
+    if not any("weights" in e for e in examples):
+        return batch
+    w = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+    for e, (row, at) in zip(examples, places):
+        k = len(e["input_ids"])
+        w[row, at:at + k] = torch.tensor(e["weights"]) if "weights" in e else 1.0
+    return dict(batch, weights=w)
+
+
+def item_weight(batch: dict) -> torch.Tensor:
+    """What a micro-batch adds to the step's normaliser: its predicted tokens, or their
+    weights' sum (key-token weighting: sum(w CE) / sum(w))."""
+    predicted = batch["labels"][:, 1:] != -100
+    if "weights" in batch:
+        return (batch["weights"][:, 1:] * predicted).sum().float()
+    return predicted.sum().float()
 
 
 def collate_packed(examples: list[dict], pad_id: int, max_length: int,
@@ -198,7 +236,7 @@ def collate_packed(examples: list[dict], pad_id: int, max_length: int,
     [B, 1, S, S] boolean block-diagonal causal mask, so that examples never
     attend to each other (SDPA, eager).
     """
-    rows, cur = [], []
+    rows, cur, places = [], [], []
     for e in examples:
         if cur and sum(len(x["input_ids"]) for x in cur) + len(e["input_ids"]) > max_length:
             rows.append(cur)
@@ -215,6 +253,7 @@ def collate_packed(examples: list[dict], pad_id: int, max_length: int,
     for b, row in enumerate(rows):
         at = 0
         for j, e in enumerate(row):
+            places.append((b, at))
             k = len(e["input_ids"])
             ids[b, at:at + k] = torch.tensor(e["input_ids"])
             labels[b, at:at + k] = torch.tensor(e["labels"])
@@ -222,9 +261,12 @@ def collate_packed(examples: list[dict], pad_id: int, max_length: int,
             pos[b, at:at + k] = torch.arange(k)
             seg[b, at:at + k] = j
             at += k
+    flat = [e for row in rows for e in row]
     if varlen:
-        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+        return _with_weights({"input_ids": ids, "labels": labels, "position_ids": pos}, flat,
+                             places)
     same = seg[:, :, None] == seg[:, None, :]
     causal = torch.ones(S, S, dtype=torch.bool).tril()
     mask = (same & causal & (seg[:, :, None] >= 0))[:, None]
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": mask}
+    return _with_weights({"input_ids": ids, "labels": labels, "position_ids": pos,
+                          "attention_mask": mask}, flat, places)

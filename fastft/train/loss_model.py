@@ -8,6 +8,7 @@ logits ever exist. Distributed wrappers (DDP, FSDP2) wrap this module.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import losses
@@ -42,6 +43,8 @@ class CausalLMLoss(nn.Module):
         labels = next_token_labels(batch["labels"])
         cfg, common = self.cfg, dict(num_items_in_batch=num_items, softcap=self.softcap,
                                      bias=self.head_bias())
+        if "weights" in batch:  # key-token weighting: the weight of the token each row predicts
+            common["weights"] = F.pad(batch["weights"], (0, 1))[..., 1:]
         if cfg.loss == "ce":
             loss = losses.cross_entropy(hidden, weight, labels, temperature=self.temperature,
                                         **common)

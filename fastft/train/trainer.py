@@ -82,6 +82,9 @@ class Trainer:
               "tokenizer.pad_token = '<pad>' (and resize the embeddings if it is new)")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.mask_token_id = cfg.mask_token_id if cfg.mask_token_id is not None else (
+            tokenizer.unk_token_id if tokenizer.unk_token_id is not None
+            else tokenizer.pad_token_id)  # Masked Thought's replacement
         self.reward_fn = reward_fn
         self.model = model.to(self.device)
         if not hasattr(model, "_fastft"):
@@ -144,7 +147,8 @@ class Trainer:
             rows, stats = data.tokenize_sft(
                 recs, self.tokenizer, max_length=self.cfg.max_length,
                 truncation=self.cfg.truncation, completion_only=self.cfg.completion_only,
-                skip_invalid=self.cfg.skip_invalid)
+                skip_invalid=self.cfg.skip_invalid, key_tokens=self.cfg.key_tokens,
+                key_max_weight=self.cfg.key_max_weight)
         if self.dist.main:  # skipped (skip_invalid), truncated, dropped: one line each
             for line in stats.lines(name, self.cfg.max_length):
                 print(line)
@@ -242,11 +246,11 @@ class Trainer:
         """One optimizer step's worth of micro-batches: forward, loss, backward."""
         cfg, d = self.cfg, self.dist
         micro = self._next_sft_batches()
-        n_items = d.all_sum(sum((b["labels"][:, 1:] != -100).sum() for b in micro)
-                            .float().to(self.device)) / d.world
+        n_items = d.all_sum(sum(data.item_weight(b) for b in micro).to(self.device)) / d.world
         total = torch.zeros((), device=self.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = self._masked_thought(batch, m)
             ref = {}
             if cfg.loss == "asft":  # the frozen reference: hidden states and head
                 ref = {"ref_hidden": self._reference("hidden", batch), **self._reference_head()}
@@ -257,6 +261,23 @@ class Trainer:
             total += loss.detach()
         n_tok = sum(int(b["input_ids"].numel()) for b in micro) * d.world
         return {"loss": d.all_sum(total) / d.world}, n_tok
+
+    def _masked_thought(self, batch: dict, micro: int) -> dict:
+        """Masked Thought: completion input tokens replaced by the mask token with probability
+        p, ramping linearly to ``masked_thought`` over the first 2/3 of the steps; the
+        labels and the prompt are untouched; drawn from (seed, step, micro-batch, rank)."""
+        cfg = self.cfg
+        if cfg.masked_thought <= 0:
+            return batch
+        ramp = max(1.0, 2.0 / 3.0 * self.total_steps)
+        p = cfg.masked_thought * min(1.0, self.state["step"] / ramp)
+        gen = torch.Generator().manual_seed(
+            (cfg.seed * 7_919 + self.state["step"] * 104_729 + micro * 131 + self.dist.rank)
+            % 2**62)
+        ids = batch["input_ids"]
+        hit = torch.rand(ids.shape, generator=gen).to(ids.device) < p
+        hit &= batch["labels"] != -100  # completion tokens only (prompt and padding are -100)
+        return dict(batch, input_ids=torch.where(hit, self.mask_token_id, ids))
 
     def _grpo_step(self):
         """Sample completions, score them, and one update on the group-relative advantages."""
