@@ -5,6 +5,8 @@
     fastft bench --suite NAME ...        a benchmark suite, JSON + markdown
     fastft train [options]               fine-tune; with no options, the embedded demo
     fastft demo [--quick]                the embedded demo
+    fastft soup RUN_OR_CKPT... --out DIR [--greedy --eval-data FILE]   model soups
+    fastft lines --base B --finetuned C --alpha A [--beta B] --out DIR LiNeS
 
 A user error prints one line, ``fastft: error: ...``, and exits 2; ``--debug``
 shows the traceback instead.
@@ -118,6 +120,41 @@ def cmd_train(args) -> int:
     return cli.run(args)
 
 
+def cmd_soup(args) -> int:
+    from . import merging, soups
+
+    if not args.greedy:
+        if args.eval_data:
+            raise FastftError("--eval-data scores the models of a greedy soup: add --greedy, or "
+                              "drop --eval-data for a uniform soup")
+        out = soups.uniform_soup(args.models, args.out, base=args.base)
+        print(f"fastft: uniform soup of {len(args.models)} models written to {out}")
+        return 0
+    if not args.eval_data:
+        raise FastftError("--greedy needs --eval-data FILE (held-out records, as training "
+                          "reads them) to score the models and the soups")
+    from .train.records import check_file
+
+    check_file(args.eval_data, "eval_data")
+    first = merging.open_model(args.models[0], args.base)
+    eval_fn = soups.heldout_score(args.eval_data, soups.tokenizer_folder(first),
+                                  max_length=args.max_length, batch_size=args.batch_size)
+    r = soups.greedy_soup(args.models, args.out, eval_fn, base=args.base)
+    for label in r["order"]:
+        print(f"  {r['scores'][label]:+.5f}  {'kept' if label in r['kept'] else '    '}  {label}")
+    print(f"fastft: greedy soup of {len(r['kept'])} of {len(args.models)} models (held-out "
+          f"mean token loss {-r['soup_score']:.5f}) written to {r['out']}")
+    return 0
+
+
+def cmd_lines(args) -> int:
+    from .merging import lines
+
+    out = lines(args.base, args.finetuned, args.out, args.alpha, args.beta)
+    print(f"fastft: LiNeS model written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="fine-tuning on fused kernels")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -151,6 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="run folder")
     s.add_argument("--quick", action="store_true", help="a few steps only (a smoke run)")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("soup", help="average the weights of fine-tuned models (model soup)",
+                       description="A uniform soup (the mean of the weights) or, with --greedy, "
+                       "a greedy soup of runs, checkpoints or model folders (full weights or LoRA "
+                       "adapters, merged into their base on the fly), streamed tensor by tensor.")
+    s.add_argument("models", nargs="+", metavar="RUN_OR_CKPT",
+                   help="run folders (their newest checkpoint-N), checkpoint or model folders")
+    s.add_argument("--out", required=True, help="new folder for the soup (a transformers model)")
+    s.add_argument("--greedy", action="store_true", help="greedy soup: add a model only if the "
+                   "held-out loss on --eval-data strictly improves (loads each candidate)")
+    s.add_argument("--eval-data", default=None, help="held-out records for --greedy")
+    s.add_argument("--base", default=None, help="base model folder of LoRA adapters (default: "
+                   "base_model_name_or_path of each adapter_config.json)")
+    s.add_argument("--max-length", type=int, default=1024, help="--eval-data tokens per record")
+    s.add_argument("--batch-size", type=int, default=8, help="--eval-data records per batch")
+    s.set_defaults(func=cmd_soup)
+
+    s = sub.add_parser("lines", help="LiNeS: scale the fine-tuning update by layer depth",
+                       description="LiNeS: base + (alpha + beta l / (L - 1)) (finetuned - base) "
+                       "for block l of L; embeddings count as block 0, the final norm and head "
+                       "as block L - 1.")
+    s.add_argument("--base", required=True, help="the model the fine-tuning started from")
+    s.add_argument("--finetuned", required=True, help="run, checkpoint or model folder (full "
+                   "weights or a LoRA adapter of --base)")
+    s.add_argument("--alpha", required=True, help="the factor of the first block")
+    s.add_argument("--beta", default=None, help="added at the last block (default 1 - alpha)")
+    s.add_argument("--out", required=True, help="new folder for the result")
+    s.set_defaults(func=cmd_lines)
     return p
 
 

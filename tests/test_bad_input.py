@@ -539,3 +539,92 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp
                        "optimizer step"):
         trainer.train()
     assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2"]
+
+
+# ---- model soups and LiNeS (fastft soup / fastft lines) -----------------------------------
+
+def saved_model(folder, **kw):
+    model, tok = tiny_setup(**kw)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_soup_of_models_with_different_shapes_names_the_tensor(capsys, model_dir, tmp_path):
+    wide = saved_model(tmp_path / "wide", hidden=48)
+    one_line(capsys, ["soup", model_dir, wide, "--out", tmp_path / "soup"],
+             "model.embed_tokens.weight is [17, 32] in", "but [17, 48] in", str(wide),
+             "one architecture and size")
+    assert not (tmp_path / "soup").exists()
+
+
+def test_soup_of_models_with_different_parameters_names_the_tensor(capsys, model_dir, tmp_path):
+    deep = saved_model(tmp_path / "deep", layers=3)
+    one_line(capsys, ["soup", model_dir, deep, "--out", tmp_path / "soup"],
+             "model.layers.2.", f"is in {deep} only", "different parameters")
+    assert not (tmp_path / "soup").exists()
+
+
+def test_soup_of_a_run_folder_with_no_checkpoint(capsys, model_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text("")
+    one_line(capsys, ["soup", model_dir, run, "--out", tmp_path / "soup"],
+             f"{run} holds no checkpoint (no checkpoint-N folder yet")
+    one_line(capsys, ["soup", tmp_path / "nowhere", "--out", tmp_path / "soup"],
+             "nowhere not found")
+
+
+def test_soup_flags_that_go_together(capsys, model_dir, tmp_path, sft_data):
+    one_line(capsys, ["soup", model_dir, "--out", tmp_path / "s", "--greedy"],
+             "--greedy needs --eval-data FILE")
+    one_line(capsys, ["soup", model_dir, "--out", tmp_path / "s", "--eval-data", sft_data],
+             "--eval-data scores the models of a greedy soup: add --greedy")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    one_line(capsys, ["soup", model_dir, "--out", tmp_path / "full"],
+             "already exists and is not empty")
+
+
+def test_adapter_whose_base_is_not_a_local_folder(capsys, tmp_path):
+    adapter = tmp_path / "ckpt" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+         "base_model_name_or_path": "org/some-model"}))
+    one_line(capsys, ["soup", tmp_path / "ckpt", "--out", tmp_path / "soup"],
+             "'org/some-model' (base_model_name_or_path", "give the base model's folder with "
+             "--base")
+
+
+def test_lines_on_a_model_with_no_layer_index(capsys, model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "model.safetensors":
+            (flat / f.name).write_bytes(f.read_bytes())
+    w = load_file(str(model_dir / "model.safetensors"))
+    save_file({k: v for k, v in w.items() if ".layers." not in k},
+              str(flat / "model.safetensors"))
+    one_line(capsys, ["lines", "--base", flat, "--finetuned", flat, "--alpha", "0.5",
+                      "--out", tmp_path / "out"], "LiNeS on a model with no layer index")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags,words", [
+    (["--alpha", "x"], "alpha must be a number; got 'x'"),
+    (["--alpha", "0.5", "--beta", "half"], "beta must be a number; got 'half'"),
+    (["--alpha", "nan"], "alpha must be a number; got 'nan'"),
+    (["--alpha", "0.5", "--beta", "inf"], "beta must be a number; got 'inf'"),
+])
+def test_lines_alpha_and_beta_must_be_numbers(capsys, model_dir, tmp_path, flags, words):
+    one_line(capsys, ["lines", "--base", model_dir, "--finetuned", model_dir, *flags,
+                      "--out", tmp_path / "out"], words)
+    from fastft import lines
+
+    with pytest.raises(FastftError, match="alpha must be a number; got None"):
+        lines(model_dir, model_dir, tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()
