@@ -15,13 +15,20 @@ from .config import TrainConfig, read_toml
 
 HELP = {
     "objective": "sft or grpo", "loss": "SFT loss: ce, dft, asft or otr",
-    "method": "lora, lora-sb, full, lift, hft or ltsft", "lora_r": "adapter rank (default: the method's, LoRA 16, LoRA-SB 96)",
+    "method": "lora, lora-sb, full, lift, hft, ltsft or roste", "lora_r": "adapter rank (default: the method's, LoRA 16, LoRA-SB 96)",
     "adapter_dtype": "float32 (adapters fp32 on a bf16/fp16 model) or base",
     "lift_lora_rank": "LIFT: entries per matrix as for a LoRA of this rank",
     "lift_filter_rank": "LIFT: rank of the approximation whose largest entries train",
     "lift_refresh_every": "LIFT: steps between mask refreshes (0: never)",
     "hft_seed": "HFT: seed of the frozen halves (default: --seed)",
     "ltsft_proportion": "LT-SFT: fraction of the entries re-trained",
+    "w_bits": "RoSTE: weight bits, 2..8", "a_bits": "RoSTE: activation bits, 2..8",
+    "kv_bits": "RoSTE: K/V bits, 2..8",
+    "rotations": "RoSTE: adaptive, all, r1 (R1 only) or none",
+    "calibration_samples": "RoSTE: examples of the adaptive rotation choice",
+    "quant_clip_ratio": "RoSTE: clip ratio of the quantizer ranges",
+    "quant_symmetric": "RoSTE: symmetric quantizers",
+    "roste_lora": "RoSTE: LoRA adapters on the frozen quantized base (--lora-r ...)",
     "masked_thought": "Masked Thought: probability of masking a completion input token "
     "(ramps up over the first 2/3 of the steps)",
     "mask_token_id": "the token Masked Thought puts in (default: unk, else pad)",

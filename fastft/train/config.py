@@ -13,7 +13,7 @@ from ..errors import FastftError, check
 
 OBJECTIVES = ("sft", "grpo")
 SFT_LOSSES = ("ce", "dft", "asft", "otr")
-METHODS = ("lora", "lora-sb", "full", "lift", "hft", "ltsft")
+METHODS = ("lora", "lora-sb", "full", "lift", "hft", "ltsft", "roste")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -22,7 +22,7 @@ class TrainConfig:
     # what to train
     objective: str = "sft"  # sft | grpo
     loss: str = "ce"  # sft: ce | dft | asft | otr
-    method: str = "lora"  # lora | lora-sb | full | lift | hft | ltsft
+    method: str = "lora"  # lora | lora-sb | full | lift | hft | ltsft | roste
     lora_r: int | None = None  # None: the method's default (LoRA 16, LoRA-SB 96)
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -34,6 +34,14 @@ class TrainConfig:
     lift_refresh_every: int = 400  # LIFT: optimizer steps between mask refreshes (0: never)
     hft_seed: int | None = None  # HFT: seed of the frozen halves (None: the run's seed)
     ltsft_proportion: float = 0.01  # LT-SFT: fraction of the entries re-trained
+    w_bits: int = 4  # RoSTE: weight bits (per output channel), 2..8
+    a_bits: int = 4  # RoSTE: input activation bits (per token), 2..8
+    kv_bits: int = 4  # RoSTE: K and V bits (per token and head), 2..8
+    rotations: str = "adaptive"  # RoSTE: adaptive | all | r1 | none
+    calibration_samples: int = 128  # RoSTE: training examples of the adaptive choice
+    quant_clip_ratio: float = 1.0  # RoSTE: clip ratio c of the quantizers' ranges
+    quant_symmetric: bool = False  # RoSTE: symmetric quantizers (else asymmetric)
+    roste_lora: bool = False  # RoSTE: train LoRA adapters (lora_r, ...) on the frozen base
     # data
     max_length: int = 1024
     # an example longer than max_length is cut to it, and the run prints how many were
@@ -79,6 +87,11 @@ class TrainConfig:
     loss_type: str = "dapo"
     importance_level: str = "token"
     scale_rewards: str = "group"
+    # data selection (sft): each step scores ceil(global batch / select_ratio) candidates
+    select: str | None = None  # None | "uds" (utility-diversity online batch selection)
+    select_ratio: float = 0.5  # the fraction of the candidates that trains
+    uds_alpha: float = 2.5e-3  # UDS: weight of the diversity in the score
+    uds_queue: int = 1024  # UDS: sketches of recently selected samples kept
     # run
     output_dir: str | None = None
     seed: int = 0
@@ -160,6 +173,22 @@ class TrainConfig:
               f"{self.lift_refresh_every}")
         check(0 < self.ltsft_proportion <= 1, "ltsft_proportion must be in (0, 1]; got "
               f"{self.ltsft_proportion}")
+        for name in ("w_bits", "a_bits", "kv_bits"):
+            check(2 <= getattr(self, name) <= 8, f"{name} must be an integer in 2..8; got "
+                  f"{getattr(self, name)}")
+        check(self.rotations in ("adaptive", "all", "r1", "none"), "rotations must be one of "
+              f"adaptive, all, r1, none; got {self.rotations!r}")
+        check(self.calibration_samples >= 1, "calibration_samples must be an integer >= 1; got "
+              f"{self.calibration_samples}")
+        check(0 < self.quant_clip_ratio <= 1, "quant_clip_ratio must be in (0, 1]; got "
+              f"{self.quant_clip_ratio}")
+        check(self.select in (None, "uds"), f"select must be uds or unset; got {self.select!r}")
+        check(self.select is None or self.objective == "sft",
+              "select (data selection) applies to SFT; unset it for GRPO")
+        check(0 < self.select_ratio <= 1, f"select_ratio must be in (0, 1]; got "
+              f"{self.select_ratio}")
+        check(self.uds_alpha >= 0, f"uds_alpha must be >= 0; got {self.uds_alpha}")
+        check(self.uds_queue >= 1, f"uds_queue must be an integer >= 1; got {self.uds_queue}")
         check(0 <= self.masked_thought < 1, "masked_thought (a probability) must be in "
               f"[0, 1); got {self.masked_thought}")
         check(self.mask_token_id is None or self.mask_token_id >= 0,

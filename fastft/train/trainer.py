@@ -43,13 +43,22 @@ def make_method(cfg: TrainConfig):
                              refresh_every=cfg.lift_refresh_every, seed=cfg.seed)
     if cfg.method == "hft":
         return _methods.HFT(seed=cfg.seed if cfg.hft_seed is None else cfg.hft_seed)
+    if cfg.method == "roste":
+        adapter = _methods.LoRA(r=cfg.lora_r or _methods.LoRA.r, alpha=cfg.lora_alpha,
+                                target_modules=cfg.target_modules, rslora=cfg.rslora,
+                                adapter_dtype=cfg.adapter_dtype) if cfg.roste_lora else None
+        return _methods.RoSTE(w_bits=cfg.w_bits, a_bits=cfg.a_bits, kv_bits=cfg.kv_bits,
+                              clip_ratio=cfg.quant_clip_ratio, symmetric=cfg.quant_symmetric,
+                              rotations=cfg.rotations,
+                              calibration_samples=cfg.calibration_samples, adapter=adapter)
     return _methods.LTSFT(proportion=cfg.ltsft_proportion)
 
 
 def method_name(method) -> str | None:
     """The TrainConfig.method of a prepared method object (None for a user's own class)."""
     names = {_methods.LoRA: "lora", _methods.LoRASB: "lora-sb", _methods.Full: "full",
-             _methods.LIFT: "lift", _methods.HFT: "hft", _methods.LTSFT: "ltsft"}
+             _methods.LIFT: "lift", _methods.HFT: "hft", _methods.LTSFT: "ltsft",
+             _methods.RoSTE: "roste"}
     return names.get(type(method))
 
 
@@ -111,8 +120,11 @@ class Trainer:
         self.eval_rows = self._load(eval_data, "eval_data") if eval_data is not None else None
         self.global_batch = (cfg.prompts_per_step if cfg.objective == "grpo"
                              else cfg.batch_size * cfg.grad_accum) * self.dist.world
+        # rows a step reads: with UDS, the candidates it scores to keep global_batch of them
+        per_step = math.ceil(self.global_batch / cfg.select_ratio) if cfg.select \
+            else self.global_batch
         self.total_steps = cfg.max_steps or max(1, math.ceil(
-            cfg.epochs * len(self.rows) / self.global_batch))
+            cfg.epochs * len(self.rows) / per_step))
         self.fsdp = self._fsdp()
         # the sparse methods average their gradients themselves (see distributed.py)
         self.own_sync = self.dist.on and hasattr(self.method, "prepare_model")
@@ -229,11 +241,17 @@ class Trainer:
         finally:
             log.close()
         ckpt = self.save()
+        quantized = None
+        if d.main and hasattr(self.method, "save_quantized"):  # RoSTE: the deployable model
+            quantized = self.method.save_quantized(self.model, self.out / "quantized",
+                                                   tokenizer=self.tokenizer)
         summary = {"steps": self.state["step"], "final_loss": last.get("loss"),
                    "tokens_per_s": last.get("tokens_per_s"),
                    "wall_seconds": round(time.perf_counter() - t0, 1),
                    "peak_memory_mb": round(peak_memory_mb(self.device), 1),
                    "checkpoint": str(ckpt)}
+        if quantized is not None:
+            summary["quantized"] = str(quantized)
         if cfg.objective == "grpo":
             summary["reward_mean"] = last.get("reward_mean")
         if self.eval_rows is not None and cfg.objective == "sft":
@@ -353,7 +371,12 @@ class Trainer:
 
     def _next_sft_batches(self) -> list[dict]:
         cfg, d = self.cfg, self.dist
-        idx = self._take(self.global_batch)
+        if cfg.select == "uds":  # the best select_ratio of more candidates (train/select.py)
+            from .select import uds_rows
+
+            idx = uds_rows(self)
+        else:
+            idx = self._take(self.global_batch)
         mine = idx[d.rank::d.world]
         pad = self.tokenizer.pad_token_id
         micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
@@ -433,7 +456,20 @@ class Trainer:
         return rec
 
     def _initialize_method(self) -> None:
-        """LoRA-SB needs its adapters from the first gradients before training."""
+        """LoRA-SB needs its adapters from the first gradients before training; RoSTE's
+        adaptive rotations are calibrated on the first ``calibration_samples`` examples
+        (a no-op once chosen, e.g. on resume)."""
+        if hasattr(self.method, "calibrate"):
+            n = min(getattr(self.method, "calibration_samples", 128), len(self.rows))
+            rows = self.rows[:n]
+            if self.cfg.objective == "grpo":  # the prompts' tokens
+                rows = [{"input_ids": ids, "labels": ids} for ids in
+                        (data.prompt_ids(self.tokenizer, r["prompt"]) for r in rows)]
+            size = self.cfg.batch_size
+            self.method.calibrate(self.model, [
+                {k: v.to(self.device) for k, v in data.collate(
+                    rows[i:i + size], self.tokenizer.pad_token_id).items()}
+                for i in range(0, n, size)])
         layers = adapter_layers(self.model)
         if not any(getattr(m, "initialized", True) is False for m in layers.values()):
             return
