@@ -107,7 +107,9 @@ def export_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         "attn_implementation": next(iter(rt.attn.values())).original,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, record
+    # each its own storage: a tied head and embedding are written (and loaded) apart
+    return {k: v.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for k, v in tensors.items()}, record
 
 
 def export(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) -> Path:
