@@ -13,6 +13,11 @@ amax/amin/round/clamp over the whole tensor) and ``copy``.
 
 ``bytes_moved`` = one read and one write of x; ``gbps`` the achieved bandwidth,
 compared with ``copy``'s by the GPU targets (benches/gpu_targets.py).
+
+op ``train_step`` (params: a Llama-shaped model, batch x seq): one full
+fine-tuning step (forward, fused loss, backward, AdamW) of ``fastft`` (RoSTE,
+W4A4KV4, all rotations) against ``plain`` (the same model without RoSTE), in bf16 on CUDA
+(Llama-3-8B widths, 2 layers) and fp32 on the CPU (hidden 256, 2 layers).
 """
 
 from __future__ import annotations
@@ -98,6 +103,40 @@ def _build(op, provider, rows, n, dtype, device, bits=4):
     return run
 
 
+def _step_shape(device: str, quick: bool) -> dict:
+    if device == "cuda":
+        return dict(hidden=4096, intermediate=14336, layers=2, heads=32, batch=4, seq=1024)
+    if quick:
+        return dict(hidden=64, intermediate=128, layers=1, heads=4, batch=2, seq=32)
+    return dict(hidden=256, intermediate=512, layers=2, heads=4, batch=4, seq=256)
+
+
+def _build_step(provider, hidden, intermediate, layers, heads, batch, seq, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fastft
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=heads, max_position_embeddings=seq)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device, DTYPES[dtype])
+    method = fastft.RoSTE(w_bits=4, a_bits=4, kv_bits=4, rotations="all") \
+        if provider == "fastft" else fastft.Full()
+    fastft.prepare(model, method)
+    model.train()
+    ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def run():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return run
+
+
 def cases(device: str, quick: bool = False) -> list[Case]:
     shapes, dtype = _shapes(device, quick)
     out = []
@@ -114,4 +153,9 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             out.append(Case(op="rotate_fake_quant", provider=provider, params=p, dtype=dtype,
                             build=partial(_build, "rotate_fake_quant", provider, **p,
                                           dtype=dtype, device=device)))
+    step = _step_shape(device, quick)
+    for provider in ("fastft", "plain"):
+        out.append(Case(op="train_step", provider=provider, params=step, dtype=dtype,
+                        build=partial(_build_step, provider, **step, dtype=dtype,
+                                      device=device)))
     return out
