@@ -11,7 +11,9 @@ A row fails on a compile error, any spill, or shared memory over the limit.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
+import multiprocessing
 import os
 import re
 import subprocess
@@ -105,17 +107,42 @@ def triton_specs() -> list[dict]:
     return specs
 
 
-def check(archs=ARCHS) -> list[dict]:
-    """Every report row: the Triton kernels, then the csrc/*.cu kernels."""
-    rows = []
-    for spec in triton_specs():
-        for arch in archs:
-            rows.append(dict(compile_spec(spec, arch), file=f"kernels/{spec['file']}.py"))
-    for src in extensions.cuda_sources():
-        for arch in archs:
-            for r in extensions.nvcc_check(src, arch):
-                rows.append(dict(r, config="nvcc -O3", wgmma="-", file=f"csrc/{src.name}"))
-    return rows
+def _triton_rows(file: str, index: int, arch: str) -> list[dict]:
+    """Spec ``index`` of kernels/<file>.py compiled for ``arch`` (a worker's task: specs hold
+    functions, so a worker finds its spec by file and index)."""
+    spec = importlib.import_module(f"fastft.kernels.{file}").aot_specs()[index]
+    return [dict(compile_spec(spec, arch), file=f"kernels/{file}.py")]
+
+
+def _nvcc_rows(source: str, arch: str) -> list[dict]:
+    src = Path(source)
+    return [dict(r, config="nvcc -O3", wgmma="-", file=f"csrc/{src.name}")
+            for r in extensions.nvcc_check(src, arch)]
+
+
+def check(archs=ARCHS, jobs: int | None = None) -> list[dict]:
+    """Every report row: the Triton kernels, then the csrc/*.cu kernels.
+
+    The compiles run in ``jobs`` worker processes (default: the CPU count, at most 16), the
+    slow nvcc ones submitted first; the rows keep this order whatever finishes first.
+    """
+    from .kernels import KERNEL_FILES
+
+    tasks = [(_triton_rows, (name, i, arch)) for name in KERNEL_FILES
+             for i in range(len(importlib.import_module(f"fastft.kernels.{name}").aot_specs()))
+             for arch in archs]
+    nvcc = [(_nvcc_rows, (str(src), arch)) for src in extensions.cuda_sources()
+            for arch in archs]
+    jobs = jobs or min(16, os.cpu_count() or 1)
+    if jobs <= 1:
+        results = [fn(*a) for fn, a in tasks + nvcc]
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no forked Triton/MLIR state
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            late = [pool.submit(fn, *a) for fn, a in nvcc]
+            early = [pool.submit(fn, *a) for fn, a in tasks]
+            results = [f.result() for f in early + late]
+    return [row for rows in results for row in rows]
 
 
 def run_in_clean_process(archs) -> int:

@@ -112,7 +112,9 @@ def why_unavailable(op: OpInfo, backend: str, device: torch.device) -> str | Non
             return None
         return None if interpreter_on() else "Triton on the CPU needs TRITON_INTERPRET=1"
     if backend == "cuda":
-        return None if device.type == "cuda" else "needs a CUDA device"
+        if device.type != "cuda":
+            return "needs a CUDA device"
+        return _broken.get(f"cuda:{op.cpp_extension}")  # csrc/<name>.cu failed to build
     if backend == "cpp":
         if device.type != "cpu":
             return "the C++ kernels run on the CPU"

@@ -79,7 +79,9 @@ def build(name: str, sources: list[Path], *, flags: tuple[str, ...] = CPP_FLAGS,
         # the ninja of this environment, when the environment is not activated
         os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
     sources = [Path(s).resolve() for s in sources]
-    out = cache_dir() / f"{name}-{_key(sources, flags)}"
+    # the headers beside the sources (csrc/quant_math.h) are part of the key: editing one rebuilds
+    headers = sorted({h for s in sources for h in s.parent.glob("*.h")})
+    out = cache_dir() / f"{name}-{_key(sources + headers, flags)}"
     out.mkdir(parents=True, exist_ok=True)
     if not any(out.glob("*.so")):  # the wait is visible: one line, once per build
         shown = ", ".join(s.name for s in sources)

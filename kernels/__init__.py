@@ -11,4 +11,6 @@ import os
 # Triton 3.9 warns when this is unset; keep its current default (fusion on).
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-KERNEL_FILES = ("loss_rows", "gumbel_sample", "lora_matmul", "sparse_adam")
+KERNEL_FILES = (
+    "loss_rows", "gumbel_sample", "lora_matmul", "sparse_adam", "hadamard", "fake_quant",
+)

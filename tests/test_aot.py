@@ -67,3 +67,37 @@ def test_cli_reruns_itself_without_the_interpreter(monkeypatch):
     assert main(["check-kernels", "--arch", "sm_90"]) == 0
     (cmd, env), = calls
     assert "TRITON_INTERPRET" not in env and cmd[-2:] == ["--arch", "sm_90"]
+
+
+HADAMARD_SCRIPT = textwrap.dedent("""
+    import json
+    from fastft import aot
+    from fastft.kernels import fake_quant, hadamard
+
+    def pick(specs, **want):
+        return next(s for s in specs if all(s["constexprs"].get(k) == v for k, v in want.items()
+                                            if k != "dt") and s["signature"]["x_ptr"] == want["dt"])
+
+    h, q = hadamard.aot_specs(), fake_quant.aot_specs()
+    specs = [pick(h, P=32768, HAS_K=True, dt="*bf16"), pick(h, P=64, HAS_K=True, dt="*fp32"),
+             pick(h, P=8192, HAS_K=False, dt="*bf16"),
+             pick([s for s in q if s["name"] == "rotate_quant"], P=32768, HAS_K=True, dt="*bf16"),
+             pick([s for s in q if s["name"] == "quant_rows"], BLOCK=8192, dt="*bf16")]
+    print(json.dumps([aot.compile_spec(s, "sm_90") for s in specs]))
+""")
+
+
+@pytest.mark.slow
+def test_hadamard_and_fake_quant_kernels_compile_for_hopper_without_spills(tmp_path):
+    """The RoSTE kernels at their largest tiles (P = 32768 in one program) and smallest."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "aot_hadamard.py"
+    script.write_text(HADAMARD_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == 5
+    for r in rows:
+        assert r["ok"] and r["registers"] > 0 and r["spill_bytes"] == 0, r
+    assert rows[0]["shared_bytes"] == 32768 * 4  # the layout exchanges of the transform

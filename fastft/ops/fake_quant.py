@@ -52,6 +52,12 @@ def quantize_rows(x: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> T
 def _act_forward(x2d: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool,
                  backend: str) -> Tensor:
     """Dispatch point of the backends: [R, n] in, [R, n] out in x's dtype."""
+    if backend in ("triton", "cpp", "cuda"):  # None: this backend cannot run it, torch does
+        from . import hadamard_kernels
+
+        y = hadamard_kernels.fake_quant_act(x2d, bits, symmetric, clip_ratio, rotate, backend)
+        if y is not None:
+            return y
     out = torch.empty_like(x2d)
     n = x2d.shape[1]
     for a in range(0, x2d.shape[0], ROWS):
@@ -64,6 +70,13 @@ def _act_forward(x2d: Tensor, bits: int, symmetric: bool, clip_ratio: float, rot
 def _weight_forward(w: Tensor, bits: int, symmetric: bool, clip_ratio: float,
                     group_size: int, backend: str) -> Tensor:
     """Dispatch point of the backends: [out, in] in, [out, in] out in w's dtype."""
+    if backend in ("triton", "cpp", "cuda"):  # None: this backend cannot run it, torch does
+        from . import hadamard_kernels
+
+        y = hadamard_kernels.fake_quant_weight(w, bits, symmetric, clip_ratio, group_size,
+                                               backend)
+        if y is not None:
+            return y
     rows = w.reshape(-1, group_size) if group_size else w
     return quantize_rows(rows.float(), bits, symmetric, clip_ratio).to(w.dtype).reshape(w.shape)
 

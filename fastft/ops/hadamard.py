@@ -67,6 +67,12 @@ def transform_f32(x2d: Tensor, scale: float, transpose: bool) -> Tensor:
 
 def _forward(x2d: Tensor, scale: float, transpose: bool, backend: str) -> Tensor:
     """Dispatch point of the backends: [R, n] in, [R, n] out in x's dtype."""
+    if backend in ("triton", "cpp", "cuda"):  # None: this backend cannot run it, torch does
+        from . import hadamard_kernels
+
+        y = hadamard_kernels.hadamard(x2d, scale, transpose, backend)
+        if y is not None:
+            return y
     out = torch.empty_like(x2d)
     for a in range(0, x2d.shape[0], ROWS):
         out[a:a + ROWS] = transform_f32(x2d[a:a + ROWS], scale, transpose)

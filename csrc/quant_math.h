@@ -1,0 +1,85 @@
+// Per-element math of the Hadamard and fake-quant kernels, shared by the C++ CPU kernel
+// (csrc/hadamard.cpp) and the CUDA kernel (csrc/hadamard.cu): the CPU tests exercise the
+// arithmetic the GPU runs. The same formulas as kernels/fake_quant.py and METHODS.md section 4:
+//
+//   asymmetric: s = c (max - min) / (2^b - 1),          z = round(-c min / s), q in [0, 2^b - 1]
+//   symmetric:  s = c max(|min|, |max|) / (2^(b-1) - 1), z = 0,  q in [-2^(b-1), 2^(b-1) - 1]
+//   s = max(s, 1e-8);   q(x) = (clamp(round(x / s) + z, qmin, qmax) - z) s
+//
+// round is half to even (rint in the default rounding mode, as torch.round), divisions are
+// IEEE (nvcc's default -prec-div=true), fp32 throughout. No torch headers here.
+#pragma once
+
+#include <cmath>
+
+#ifdef __CUDACC__
+#define FASTFT_HD __host__ __device__ __forceinline__
+#else
+#define FASTFT_HD inline
+#endif
+
+namespace fastft {
+
+constexpr float kMinScale = 1e-8f;
+
+// One butterfly of the Walsh-Hadamard transform: (a, b) -> (a + b, a - b).
+FASTFT_HD void butterfly(float& a, float& b) {
+  const float t = a;
+  a = t + b;
+  b = t - b;
+}
+
+FASTFT_HD float round_half_even(float x) {
+#ifdef __CUDA_ARCH__
+  return rintf(x);
+#else
+  return std::rint(x);
+#endif
+}
+
+FASTFT_HD float fmax_(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return fmaxf(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
+
+FASTFT_HD float fmin_(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return fminf(a, b);
+#else
+  return a < b ? a : b;
+#endif
+}
+
+struct QParams {
+  float s, z, qmin, qmax;
+};
+
+// The quantizer of a row whose values lie in [mn, mx].
+FASTFT_HD QParams qparams(float mn, float mx, int bits, bool symmetric, float clip) {
+  QParams q;
+  if (symmetric) {
+    const float half = static_cast<float>(1 << (bits - 1));
+    const float den = half - 1.0f;
+    q.s = fmax_(clip * fmax_(-mn, mx) / den, kMinScale);
+    q.z = 0.0f;
+    q.qmin = -half;
+    q.qmax = den;
+  } else {
+    const float den = static_cast<float>((1 << bits) - 1);
+    q.s = fmax_(clip * (mx - mn) / den, kMinScale);
+    q.z = round_half_even(-clip * mn / q.s);
+    q.qmin = 0.0f;
+    q.qmax = den;
+  }
+  return q;
+}
+
+FASTFT_HD float fake_quant(float x, const QParams& q) {
+  const float t = fmin_(fmax_(round_half_even(x / q.s) + q.z, q.qmin), q.qmax);
+  return (t - q.z) * q.s;
+}
+
+}  // namespace fastft
