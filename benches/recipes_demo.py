@@ -12,7 +12,7 @@ table and writes recipes.json and recipes.md under --out.
 
 import argparse
 import copy
-import json
+import shutil
 import sys
 
 import torch
@@ -26,7 +26,7 @@ from fastft.demo import experiments as ex
 def main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench-results/recipes")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=800)  # the demo's SFT recipe
     p.add_argument("--train", type=int, default=9000)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -35,12 +35,8 @@ def main(argv):
     init = ar.model(t.tok, seed=0)
     init.save_pretrained(t.out / "init")
     t.tok.save_pretrained(t.out / "init")
-    rows = []
-
-    def add(name, model, wall=None):
-        acc = ex.accuracy(t, model)
-        rows.append({"recipe": name, "held_out_exact_match": round(acc, 4), "wall_seconds": wall})
-        print(f"{name:<28} {acc:6.1%}  {'' if wall is None else f'{wall:.0f} s'}", flush=True)
+    results = ex.Results(t, "recipe")
+    add = results.add
 
     runs = []
     for seed in (0, 1, 2):
@@ -62,18 +58,14 @@ def main(argv):
         with torch.no_grad():
             return ar.accuracy(load(folder), t.tok, valid)
 
+    for name in ("soup-uniform", "soup-greedy", "lines"):  # a run's outputs before this one
+        shutil.rmtree(t.out / name, ignore_errors=True)
     add("uniform soup of 3", load(fastft.uniform_soup(runs, t.out / "soup-uniform")))
     greedy = fastft.greedy_soup(runs, t.out / "soup-greedy", valid_score)
     add(f"greedy soup (kept {len(greedy['kept'])})", load(greedy["out"]))
     add("LiNeS a=0.5 b=0.5 (seed 0)",
         load(fastft.lines(t.out / "init", runs[0], t.out / "lines", alpha=0.5, beta=0.5)))
-    (t.out / "recipes.json").write_text(json.dumps(rows, indent=1))
-    md = ["| recipe | held-out exact match | wall time |", "|---|---|---|"]
-    md += [f"| {r['recipe']} | {r['held_out_exact_match']:.1%} | "
-           f"{'-' if r['wall_seconds'] is None else str(round(r['wall_seconds'])) + ' s'} |"
-           for r in rows]
-    (t.out / "recipes.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    results.write("recipes")
     return 0
 
 

@@ -12,7 +12,6 @@ Prints a table and writes roste.json and roste.md under --out.
 
 import argparse
 import copy
-import json
 import sys
 
 import torch
@@ -27,19 +26,15 @@ BITS = dict(w_bits=4, a_bits=4, kv_bits=4)
 def main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench-results/roste")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=800)  # the demo's SFT recipe
     p.add_argument("--train", type=int, default=9000)
     p.add_argument("--hidden", type=int, default=128)
     args = p.parse_args(argv)
     torch.manual_seed(0)
     t = ex.task(args.out, n_train=args.train)
     init = ar.model(t.tok, seed=0, hidden=args.hidden)
-    rows = []
-
-    def add(name, model, wall=None):
-        acc = ex.accuracy(t, model)
-        rows.append({"model": name, "held_out_exact_match": round(acc, 4), "wall_seconds": wall})
-        print(f"{name:<40} {acc:6.1%}  {'' if wall is None else f'{wall:.0f} s'}", flush=True)
+    results = ex.Results(t, "model")
+    add = results.add
 
     fp, s = ex.sft(t, "sft-fp", model=copy.deepcopy(init), max_steps=args.steps)
     add("SFT, full precision", fp, s["wall_seconds"])
@@ -51,13 +46,7 @@ def main(argv):
     roste, s = ex.sft(t, "roste", model=copy.deepcopy(init), max_steps=args.steps,
                       method="roste", rotations="adaptive", **BITS)
     add("RoSTE W4A4KV4 (adaptive rotations)", roste, s["wall_seconds"])
-    (t.out / "roste.json").write_text(json.dumps(rows, indent=1))
-    md = ["| model | held-out exact match | wall time |", "|---|---|---|"]
-    md += [f"| {r['model']} | {r['held_out_exact_match']:.1%} | "
-           f"{'-' if r['wall_seconds'] is None else str(round(r['wall_seconds'])) + ' s'} |"
-           for r in rows]
-    (t.out / "roste.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    results.write("roste")
     return 0
 
 

@@ -53,3 +53,31 @@ def sft(t: Task, name: str, *, seed: int = 0, model=None, **overrides):
 def accuracy(t: Task, model) -> float:
     with torch.no_grad():
         return ar.accuracy(model, t.tok, t.held_out)
+
+
+class Results:
+    """Rows of (what, held-out exact match, wall time): printed as they come, then written
+    as ``<name>.json`` and ``<name>.md`` in the task's folder."""
+
+    def __init__(self, t: Task, label: str):
+        self.t, self.label, self.rows = t, label, []
+
+    def add(self, name: str, model, wall: float | None = None) -> float:
+        acc = accuracy(self.t, model)
+        self.rows.append({self.label: name, "held_out_exact_match": round(acc, 4),
+                          "wall_seconds": wall})
+        print(f"{name:<40} {acc:6.1%}  {'' if wall is None else f'{wall:.0f} s'}", flush=True)
+        return acc
+
+    def write(self, name: str) -> str:
+        import json
+
+        (self.t.out / f"{name}.json").write_text(json.dumps(self.rows, indent=1))
+        md = [f"| {self.label} | held-out exact match | wall time |", "|---|---|---|"]
+        md += [f"| {r[self.label]} | {r['held_out_exact_match']:.1%} | "
+               f"{'-' if r['wall_seconds'] is None else str(round(r['wall_seconds'])) + ' s'} |"
+               for r in self.rows]
+        text = "\n".join(md) + "\n"
+        (self.t.out / f"{name}.md").write_text(text)
+        print(text)
+        return text
