@@ -131,3 +131,30 @@ def load_json(path: str | os.PathLike, hint: str = "", kind: type | None = dict)
     if kind is not None and not isinstance(obj, kind):
         raise damaged(path, f"a JSON {type(obj).__name__} where a {kind.__name__} belongs", hint)
     return obj
+
+
+def save_model_files(folder: Path, model, tokenizer=None, config_updates: dict | None = None
+                     ) -> None:
+    """Beside the weights: the transformers config (as ``save_pretrained`` writes it:
+    architectures and dtype set; ``use_cache`` back on, training turned it off; then
+    ``config_updates``), the generation config and the tokenizer, each written atomically."""
+    import copy
+
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        config = copy.deepcopy(config)
+        config.architectures = [type(model).__name__]
+        dtype = next((p.dtype for p in model.parameters()), None)
+        if dtype is not None:
+            config.dtype = str(dtype).removeprefix("torch.")
+        if hasattr(config, "use_cache"):
+            config.use_cache = True
+        for k, v in (config_updates or {}).items():
+            setattr(config, k, v)
+        save_text(config.to_json_string(use_diff=True), Path(folder) / "config.json")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "to_json_string"):
+        save_text(generation.to_json_string(use_diff=True),
+                  Path(folder) / "generation_config.json")
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(folder))

@@ -22,7 +22,6 @@ R3 and R4 online): its logits equal the trained model's (``torch.equal`` in fp32
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 from pathlib import Path
@@ -38,8 +37,8 @@ from ..safeio import (
     fsync_tree,
     load_json,
     load_safetensors,
+    save_model_files,
     save_safetensors,
-    save_text,
 )
 from .packing import codes, dequantize, pack, unpack
 
@@ -121,19 +120,8 @@ def export(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None) ->
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_safetensors(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__]
-        config.dtype = record["dtype"]
-        config.tie_word_embeddings = False
-        if hasattr(config, "use_cache"):
-            config.use_cache = True
-        setattr(config, KEY, record)
-        save_text(config.to_json_string(use_diff=True), tmp / "config.json")
-        generation = getattr(model, "generation_config", None)
-        if generation is not None and hasattr(generation, "to_json_string"):
-            save_text(generation.to_json_string(use_diff=True), tmp / "generation_config.json")
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(str(tmp))
+        save_model_files(tmp, model, tokenizer, config_updates={
+            "dtype": record["dtype"], "tie_word_embeddings": False, KEY: record})
         fsync_tree(tmp)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,6 @@ overwrite it or to resume.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -41,8 +40,8 @@ from ..safeio import (
     load_safetensors,
     read_safetensors_metadata,
     save_json,
+    save_model_files,
     save_safetensors,
-    save_text,
 )
 
 STATE = "trainer_state.json"
@@ -155,27 +154,6 @@ def load_weights(path: Path, hint: str = "") -> dict:
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise damaged(path, f"its tied-weight names do not match its tensors ({e})", hint) from e
     return state
-
-
-def save_model_files(folder: Path, model, tokenizer=None) -> None:
-    """Beside ``model.safetensors``: the transformers config (as ``save_pretrained`` writes
-    it: architectures and dtype set; ``use_cache`` back on, training turned it off), the
-    generation config and the tokenizer."""
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "to_json_string"):
-        config = copy.deepcopy(config)
-        config.architectures = [type(model).__name__]
-        dtype = next((p.dtype for p in model.parameters()), None)
-        if dtype is not None:
-            config.dtype = str(dtype).removeprefix("torch.")
-        if hasattr(config, "use_cache"):
-            config.use_cache = True
-        save_text(config.to_json_string(use_diff=True), folder / "config.json")
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and hasattr(generation, "to_json_string"):
-        save_text(generation.to_json_string(use_diff=True), folder / "generation_config.json")
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(str(folder))
 
 
 def save_checkpoint(out_dir: Path, step: int, *, model, optimizer, scheduler, method_state: dict,
