@@ -335,7 +335,7 @@ def uds_rows(trainer) -> list[int]:
     """The rows of one SFT step under ``select="uds"``: ceil(global_batch / select_ratio)
     candidates from the data stream, scored (no grad, eval mode, the model's hidden states)
     by every process on its share and gathered, the global_batch best kept (same choice
-    and queue on every process); the queue is written to ``trainer.state["uds"]``."""
+    and queue on every process); Trainer.save puts the queue in ``trainer.state["uds"]``."""
     cfg, d = trainer.cfg, trainer.dist
     check(not getattr(trainer, "fsdp", False), "select='uds' does not run under fsdp=true "
           "(the scoring forward calls the decoder directly): use DDP")
@@ -378,6 +378,5 @@ def uds_rows(trainer) -> list[int]:
     if feats is None:  # a process with no candidate (more processes than candidates)
         feats = torch.zeros((n, 1 + sel.r1 * sel.r2), device=trainer.device)
     feats = d.all_sum(feats)
-    best = sel.choose(feats[:, 0], feats[:, 1:], k).tolist()
-    trainer.state["uds"] = sel.state()
+    best = sel.choose(feats[:, 0], feats[:, 1:], k).tolist()  # the rows to read, on the host
     return [idx[i] for i in best]

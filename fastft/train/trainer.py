@@ -503,6 +503,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         d = self.dist
+        if getattr(self, "_uds", None) is not None:  # UDS's queue, read only when saved
+            self.state["uds"] = self._uds.state()
         model_state = optim_state = None
         if self.fsdp:  # every process takes part in gathering the full state dicts
             from torch.distributed.checkpoint.state_dict import (
