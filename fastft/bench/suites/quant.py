@@ -30,7 +30,7 @@ from functools import partial
 import torch
 
 from fastft.ops.fake_quant import fake_quant_act, quantize_rows
-from fastft.ops.hadamard import butterflies, hadamard, plan
+from fastft.ops.hadamard import hadamard, transform_f32
 from fastft.reference.quant import hadamard_matrix
 
 from ..harness import Case
@@ -63,14 +63,7 @@ def _shapes(device: str, quick: bool):
 
 def unfused(x: torch.Tensor, bits: int) -> torch.Tensor:
     """The plain composition: the whole tensor transformed, then quantized op by op."""
-    rows, n = x.shape
-    K, P = plan(n)
-    y = butterflies(x.float().reshape(rows, K, P))
-    if K > 1:
-        from fastft.ops.hadamard import factor
-
-        y = torch.matmul(factor(K, x.device), y)
-    y = y.reshape(rows, n) / math.sqrt(n)
+    y = transform_f32(x, 1.0 / math.sqrt(x.shape[1]), False)
     return quantize_rows(y, bits, False, 1.0).to(x.dtype)
 
 
