@@ -28,10 +28,13 @@ from .runlog import RunLog, peak_memory_mb, progress, summary_table
 
 
 def make_method(cfg: TrainConfig):
-    if cfg.method == "lora":
+    def lora(dropout: float):
         return _methods.LoRA(r=cfg.lora_r or _methods.LoRA.r, alpha=cfg.lora_alpha,
-                             dropout=cfg.lora_dropout, target_modules=cfg.target_modules,
+                             dropout=dropout, target_modules=cfg.target_modules,
                              rslora=cfg.rslora, adapter_dtype=cfg.adapter_dtype)
+
+    if cfg.method == "lora":
+        return lora(cfg.lora_dropout)
     if cfg.method == "lora-sb":  # its own rank default (96); initialised with the run's lr
         return _methods.LoRASB(r=cfg.lora_r or _methods.LoRASB.r,
                                target_modules=cfg.target_modules, lr=cfg.lr,
@@ -44,9 +47,7 @@ def make_method(cfg: TrainConfig):
     if cfg.method == "hft":
         return _methods.HFT(seed=cfg.seed if cfg.hft_seed is None else cfg.hft_seed)
     if cfg.method == "roste":
-        adapter = _methods.LoRA(r=cfg.lora_r or _methods.LoRA.r, alpha=cfg.lora_alpha,
-                                target_modules=cfg.target_modules, rslora=cfg.rslora,
-                                adapter_dtype=cfg.adapter_dtype) if cfg.roste_lora else None
+        adapter = lora(0.0) if cfg.roste_lora else None  # RoSTE folds it: no dropout
         return _methods.RoSTE(w_bits=cfg.w_bits, a_bits=cfg.a_bits, kv_bits=cfg.kv_bits,
                               clip_ratio=cfg.quant_clip_ratio, symmetric=cfg.quant_symmetric,
                               rotations=cfg.rotations,
@@ -415,13 +416,13 @@ class Trainer:
     def _check_finite(self, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
         """Stop before the optimizer step when the loss or the gradient norm is not finite
         (one host sync per step), so no NaN reaches the weights or a checkpoint."""
-        vals = torch.stack([loss.detach().float().reshape(()), norm.detach().float()
-                            .reshape(()).to(loss.device)])
+        vals = torch.stack([loss.detach().float().reshape(()),
+                            norm.detach().float().reshape(()).to(loss.device)])
         if bool(torch.isfinite(vals).all()):
             return
-        what = "loss" if not bool(torch.isfinite(vals[0])) else "gradient norm"
+        i = 0 if not bool(torch.isfinite(vals[0])) else 1
         raise FastftError(
-            f"step {step}: the {what} is {float(vals[0] if what == 'loss' else vals[1])}; "
+            f"step {step}: the {('loss', 'gradient norm')[i]} is {float(vals[i])}; "
             "stopped before the optimizer step (the newest checkpoint is the last good one): "
             "lower lr, check the data of this step, or keep max_grad_norm > 0")
 
