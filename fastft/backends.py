@@ -30,6 +30,15 @@ BACKENDS = ("triton", "cuda", "cpp", "torch", "reference")
 DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device`` now, or None when it is off: what the
+    wrappers of the (autocast-opaque) custom ops cast their inputs to."""
+    dev = device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 def no_autocast(fn):
     """Run an op's implementation with autocast off.
 

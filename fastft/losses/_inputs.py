@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from .. import backends
 from ..errors import FastftError, check
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -34,9 +35,8 @@ def head(hidden: torch.Tensor, weight: torch.Tensor, name: str = "hidden",
           f"{weight.shape[1]}: pass the final hidden states (before the lm_head), not the logits")
     check(hidden.device == weight.device,
           f"{name} is on {hidden.device} but weight is on {weight.device}: move both to one device")
-    dev = hidden.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
+    dt = backends.autocast_dtype(hidden.device)
+    if dt is not None:
         hidden, weight = hidden.to(dt), weight.to(dt)
     check(hidden.dtype in FLOATS and weight.dtype in FLOATS,
           f"{name} and weight must be float32, float16 or bfloat16; got {hidden.dtype} and "
@@ -66,8 +66,7 @@ def with_bias(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
           f"{tuple(getattr(bias, 'shape', ()))}")
     check(bias.device == weight.device,
           f"bias is on {bias.device} but weight is on {weight.device}")
-    dev = weight.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+    if backends.autocast_dtype(weight.device) is not None:
         bias = bias.to(weight.dtype)  # head() has cast weight already; a reference casts later
     check(bias.dtype == weight.dtype, f"bias is {bias.dtype} but weight is {weight.dtype}: "
           "cast one to the other (or run under torch.autocast)")

@@ -183,10 +183,9 @@ class LoRALinear(nn.Module):
             from ..reference import lora as ref
 
             return ref.lora_linear(x, w, bias, a, b, r, s)
-        dev = x.device.type
-        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = backends.autocast_dtype(x.device)
+        if dt is not None:
             # the op is opaque to autocast: cast as F.linear would (the adapters keep their dtype)
-            dt = torch.get_autocast_dtype(dev)
             x, w = x.to(dt), w.to(dt)
             bias = None if bias is None else bias.to(dt)
         elif x.dtype != w.dtype:
