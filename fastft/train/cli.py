@@ -58,7 +58,9 @@ HELP = {
     "reference: the base model)", "eps_low": "GRPO lower clip", "eps_high": "GRPO upper clip",
     "delta": "GRPO upper cap of the importance ratio (unset: none)",
     "loss_type": "grpo, bnpo, dr_grpo or dapo", "importance_level": "token or sequence (GSPO)",
-    "scale_rewards": "group, batch or none", "output_dir": "run folder (default runs/<time>)",
+    "scale_rewards": "group, batch or none",
+    "generation_cache": "GRPO sampling: auto (static KV cache + compiled decoding on CUDA, "
+    "dynamic elsewhere), static or dynamic", "output_dir": "run folder (default runs/<time>)",
     "seed": "random seed", "log_every": "steps between metric lines",
     "save_every": "steps between checkpoints (0: only at the end)",
     "resume_from": "a checkpoint-<step> folder to continue from",

@@ -87,6 +87,9 @@ class TrainConfig:
     loss_type: str = "dapo"
     importance_level: str = "token"
     scale_rewards: str = "group"
+    # GRPO sampling: auto (static KV cache + compiled decoding on CUDA, dynamic elsewhere)
+    # | static (static KV cache; transformers compiles the decode step on CUDA) | dynamic
+    generation_cache: str = "auto"
     # data selection (sft): each step scores ceil(global batch / select_ratio) candidates
     select: str | None = None  # None | "uds" (utility-diversity online batch selection)
     select_ratio: float = 0.5  # the fraction of the candidates that trains
@@ -163,7 +166,8 @@ class TrainConfig:
                   f"there is no greedy mode); got {getattr(self, name)}")
         for name, allowed in (("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo")),
                               ("importance_level", ("token", "sequence")),
-                              ("scale_rewards", ("group", "batch", "none"))):
+                              ("scale_rewards", ("group", "batch", "none")),
+                              ("generation_cache", ("auto", "static", "dynamic"))):
             check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}; "
                   f"got {getattr(self, name)!r}")
         check(self.seed >= 0, f"seed must be >= 0; got {self.seed}")

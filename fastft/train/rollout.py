@@ -10,6 +10,9 @@ import torch
 from ..errors import FastftError, check
 from ..losses import group_advantages
 from .data import prompt_ids
+from .fold import folded_adapters
+
+CACHE_BUCKET = 64  # a static KV cache's length is rounded up to this (fewer recompilations)
 
 
 @torch.no_grad()
@@ -28,11 +31,13 @@ def generate(model, tokenizer, prompts: list, cfg, device) -> dict:
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
-                             temperature=cfg.sampling_temperature, top_k=0, top_p=1.0,
-                             max_new_tokens=cfg.max_completion_length,
-                             pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        with folded_adapters(model):  # the adapters' product once, not per decoded token
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
+                                 temperature=cfg.sampling_temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=cfg.max_completion_length,
+                                 pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                                 **cache_options(cfg, ids.shape[1], ids.device))
     finally:
         model.train(was_training)
     P = ids.shape[1]
@@ -48,6 +53,26 @@ def generate(model, tokenizer, prompts: list, cfg, device) -> dict:
                                    skip_special_tokens=True)
     return {"prompt_ids": ids, "prompt_mask": mask, "completion_ids": completion,
             "completion_mask": cmask, "texts": texts}
+
+
+def cache_options(cfg, prompt_len: int, device) -> dict:
+    """``generate``'s KV cache arguments for ``cfg.generation_cache``: none for a dynamic
+    cache (transformers' default); for a static one its implementation and a length
+    rounded up to CACHE_BUCKET tokens, so that steps whose prompts differ a little in
+    length reuse one cache shape (transformers keeps the longest it has seen), and on CUDA
+    transformers compiles the decode step (torch.compile) on its own."""
+    choice = getattr(cfg, "generation_cache", "auto")
+    if choice == "auto":
+        choice = "static" if torch.device(device).type == "cuda" else "dynamic"
+    if choice == "dynamic":
+        return {}
+    from transformers import GenerationConfig
+
+    options = {"cache_implementation": "static", "disable_compile": False}
+    if hasattr(GenerationConfig(), "max_cache_len"):  # a field of recent transformers only
+        need = prompt_len + cfg.max_completion_length
+        options["max_cache_len"] = -(-need // CACHE_BUCKET) * CACHE_BUCKET
+    return options
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -304,8 +304,10 @@ class Trainer:
         rows = self._next_prompts()
         if getattr(self, "log", None) is not None:
             self.log.note(f"sampling {len(rows) * cfg.num_generations} completions")
+        clock = self._clock()
         roll = rollout.generate(self.model, self.tokenizer, [r["prompt"] for r in rows], cfg,
                                 self.device)
+        t_generate = clock()
         try:
             rewards, adv = rollout.score(self.reward_fn, rows, roll["texts"], cfg, self.device)
         except FastftError as e:  # before any backward: the step is named, nothing is applied
@@ -317,13 +319,16 @@ class Trainer:
         # bnpo this process's; grpo and dr_grpo count this process's sequences
         n_items = n_completion / d.world if cfg.loss_type == "dapo" else n_local
         chunks = [slice(i, min(N, i + cfg.batch_size)) for i in range(0, N, cfg.batch_size)]
+        batches = [rollout.batch_rows(roll, adv, idx) for idx in chunks]
+        clock()  # scoring is none of the three parts
+        if cfg.beta > 0:  # the reference policy's log-probs, before any backward
+            for batch in batches:
+                batch["ref_logps"] = self._reference("logprobs", batch)
+        t_logprobs = clock()
         total = torch.zeros((), device=self.device)
         stats = torch.zeros(2, 4, device=self.device)  # weighted sums, weights
         per_seq = cfg.importance_level == "sequence"  # then the clips are means over sequences
-        for m, idx in enumerate(chunks):
-            batch = rollout.batch_rows(roll, adv, idx)
-            if cfg.beta > 0:
-                batch["ref_logps"] = self._reference("logprobs", batch)
+        for m, batch in enumerate(batches):
             with distributed.no_sync(self.engine, m == len(chunks) - 1), self._autocast():
                 loss, met = self.engine(batch, num_items=n_items, num_sequences=N)
                 loss.backward()
@@ -333,6 +338,7 @@ class Trainer:
             w = torch.stack([n_tok, *([n_seq if per_seq else n_tok] * 2), n_tok])
             stats += torch.stack([torch.stack([met["kl"], met["clip_low"], met["clip_high"],
                                                met["ratio"]]) * w, w])
+        t_update = clock()
         stats = d.all_sum(stats)
         stats = stats[0] / stats[1].clamp(min=1)
         all_r = d.all_sum(torch.stack([rewards.sum(), (rewards ** 2).sum(),
@@ -341,11 +347,30 @@ class Trainer:
         metrics = {"loss": d.all_sum(total) / d.world, "reward_mean": mean,
                    "reward_std": (all_r[1] / all_r[2] - mean**2).clamp(min=0).sqrt(),
                    "kl": stats[0], "clip_low": stats[1], "clip_high": stats[2],
-                   "ratio": stats[3], "completion_length": n_completion / all_r[2]}
+                   "ratio": stats[3], "completion_length": n_completion / all_r[2],
+                   "time_generate_s": t_generate, "time_logprobs_s": t_logprobs,
+                   "time_update_s": t_update}
         n_tok = int(roll["prompt_ids"].numel() + roll["completion_ids"].numel()) * d.world
         return metrics, n_tok
 
     # ---- pieces of a step ---------------------------------------------------------------
+
+    def _clock(self):
+        """A stopwatch: each call returns the seconds since the previous one (or since it
+        was made). On CUDA it waits for the queued work first, so a part's time is its own;
+        it is called at part boundaries only."""
+        cuda = self.device.type == "cuda"
+        last = [0.0]
+
+        def lap() -> float:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            now = time.perf_counter()
+            elapsed, last[0] = now - last[0], now
+            return elapsed
+
+        lap()
+        return lap
 
     def _take(self, n: int) -> list[int]:
         """The next ``n`` indices of the stream of per-epoch permutations (exactly resumable)."""

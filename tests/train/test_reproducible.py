@@ -10,7 +10,8 @@ from fastft.cli import main
 from ..tiny_models import tiny
 from .helpers import tiny_setup, write_data
 
-TIMING = ("tokens_per_s", "peak_memory_mb")  # wall-clock measurements, not results
+TIMING = ("tokens_per_s", "peak_memory_mb",  # wall-clock measurements, not results
+          "time_generate_s", "time_logprobs_s", "time_update_s")
 
 
 def metrics(folder):
