@@ -28,6 +28,16 @@ from .errors import FastftError
 
 BACKENDS = ("triton", "cuda", "cpp", "torch", "reference")
 DEFAULT_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpp", "torch")}
+# fastft.profile listens here while it traces a step: a fake implementation calls
+# workspace(nbytes) for the transient buffers its kernels use beyond their outputs
+workspace_listeners: list = []
+
+
+def workspace(nbytes: dict) -> None:
+    """Declare the transient workspace of the op being traced, ``{"cuda": bytes, "cpu":
+    bytes}`` by the device kind that would run it (a no-op when nothing listens)."""
+    for listen in workspace_listeners:
+        listen(nbytes)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

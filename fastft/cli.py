@@ -7,6 +7,7 @@
     fastft demo [--quick]                the embedded demo
     fastft soup RUN_OR_CKPT... --out DIR [--greedy --eval-data FILE]   model soups
     fastft lines --base B --finetuned C --alpha A [--beta B] --out DIR LiNeS
+    fastft profile --model CONFIG --method full,lora,... [--fit 80GB]   memory/FLOPs of a step
 
 A user error prints one line, ``fastft: error: ...``, and exits 2; ``--debug``
 shows the traceback instead.
@@ -155,6 +156,55 @@ def cmd_lines(args) -> int:
     return 0
 
 
+def _int_arg(flag: str, text: str, low: int = 1) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = low - 1
+    if v < low:
+        raise FastftError(f"{flag} {text!r}: give an integer >= {low}")
+    return v
+
+
+def cmd_profile(args) -> int:
+    from pathlib import Path
+
+    from . import profile as prof
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    if not methods:
+        raise FastftError("--method: give one or more of full, lora, lora-sb, lift, hft, "
+                          "green (comma-separated)")
+    try:
+        rho = float(args.rho)
+    except ValueError:
+        raise FastftError(f"--rho {args.rho!r}: give a number in (0, 1]") from None
+    common = dict(objective=args.objective, dtype=args.dtype, device=args.device, rho=rho,
+                  gradient_checkpointing=args.gradient_checkpointing)
+    prof.devices.device(args.device)
+    for m in methods:  # every name checked before the first (slow) trace
+        prof.make_method(m, None, rho=rho)
+    batch = _int_arg("--batch-size", args.batch_size)
+    seq = _int_arg("--seq-len", args.seq_len, 2)
+    if args.fit:
+        budget = prof.parse_bytes(args.fit)
+        for m in methods:
+            what, value, _ = prof.fit(args.model, m, memory=budget, seq_len=seq, **common)
+            where = f"at {seq} tokens" if what == "batch_size" else "at batch 1"
+            print(f"{m}: largest {what.replace('_', ' ')} that fits in {args.fit} {where}: "
+                  f"{value if value else 'none (not even 128 tokens at batch 1)'}")
+        return 0
+    profiles = [prof.profile(args.model, m, batch_size=batch, seq_len=seq, **common)
+                for m in methods]
+    print(prof.table(profiles))
+    if args.out:
+        out = Path(args.out)
+        path = prof.write_json(profiles, out / "profile.json")
+        png = prof.plot(profiles, out / "profile.png")
+        print(f"fastft: wrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="fine-tuning on fused kernels")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -216,6 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--beta", default=None, help="added at the last block (default 1 - alpha)")
     s.add_argument("--out", required=True, help="new folder for the result")
     s.set_defaults(func=cmd_lines)
+
+    s = sub.add_parser("profile", help="memory and FLOPs of one training step, before it runs",
+                       description="Builds the model from its config on fake tensors (no weights "
+                       "read, no GPU), traces one Trainer step per method and prints memory by "
+                       "category, FLOPs and a roofline step time for the device.")
+    s.add_argument("--model", required=True, help="a model folder or a config.json")
+    s.add_argument("--method", default="lora", help="comma-separated: full, lora, lora-sb, "
+                   "lift, hft, ltsft, green (default lora)")
+    s.add_argument("--batch-size", default="1", help="sequences per step (default 1)")
+    s.add_argument("--seq-len", default="4096", help="tokens per sequence (default 4096)")
+    s.add_argument("--objective", default="sft", help="sft or grpo")
+    s.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 weights")
+    s.add_argument("--device", default="h100", help="h100, h200, a100 or cpu")
+    s.add_argument("--rho", default="0.5", help="GreenTrainer's FLOPs share (method green)")
+    s.add_argument("--gradient-checkpointing", action="store_true")
+    s.add_argument("--fit", default=None, help="a memory size (e.g. 80GB): print the largest "
+                   "batch size (or sequence length) whose step fits")
+    s.add_argument("--out", default=None, help="folder for profile.json and profile.png")
+    s.set_defaults(func=cmd_profile)
     return p
 
 

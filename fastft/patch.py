@@ -94,26 +94,31 @@ def prepare(model: nn.Module, method=None, *, loss_head: bool = True) -> nn.Modu
     check(not hasattr(model, "_fastft"), "this model is already prepared by fastft: call "
           "fastft.unpatch(model) (or fastft.merge) first")
     check(isinstance(model, nn.Module), "prepare needs a torch.nn.Module (a transformers model)")
-    targets: list[str] = []
-    if hasattr(method, "prepare_model"):  # the methods of fastft.methods.base.Method
-        targets = list(method.prepare_model(model))
-    elif isinstance(method, Full):
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        targets = resolve_targets(model, method.target_modules)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for path in targets:
-            base = model.get_submodule(path)
-            dt = adapter_dtype(base.weight.dtype, method.adapter_dtype)
-            layer = LoRASBLinear(base, method.r, dtype=dt) if isinstance(method, LoRASB) else \
-                LoRALinear(base, method.r, method.alpha, method.dropout, method.rslora, dtype=dt)
-            _set(model, path, layer.train(base.training))  # the model's train / eval mode
+    targets = list(method.prepare_model(model)) if hasattr(method, "prepare_model") \
+        else apply_method(model, method)  # prepare_model: fastft.methods.base.Method
     model._fastft = types.SimpleNamespace(method=method, targets=targets, forward=None)
     if loss_head:
         _patch_forward(model)
     return model
+
+
+def apply_method(model: nn.Module, method) -> list[str]:
+    """Full: every parameter trains; LoRA / LoRA-SB: adapters on the target layers, all
+    else frozen. Returns the adapted paths."""
+    if isinstance(method, Full):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return []
+    targets = resolve_targets(model, method.target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for path in targets:
+        base = model.get_submodule(path)
+        dt = adapter_dtype(base.weight.dtype, method.adapter_dtype)
+        layer = LoRASBLinear(base, method.r, dtype=dt) if isinstance(method, LoRASB) else \
+            LoRALinear(base, method.r, method.alpha, method.dropout, method.rslora, dtype=dt)
+        _set(model, path, layer.train(base.training))  # the model's train / eval mode
+    return targets
 
 
 def _state(model: nn.Module):

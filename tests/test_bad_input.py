@@ -7,6 +7,7 @@ project comes from these cases; add one here for every new user-facing input.
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from fastft.cli import main
 from fastft.errors import FastftError
 
 from .train.helpers import tiny_setup, write_data
+
+EXAMPLE_8B = Path(__file__).resolve().parents[1] / "examples" / "llama-3-8b" / "config.json"
 
 
 def one_line(capsys, args, *words):
@@ -628,3 +631,42 @@ def test_lines_alpha_and_beta_must_be_numbers(capsys, model_dir, tmp_path, flags
     with pytest.raises(FastftError, match="alpha must be a number; got None"):
         lines(model_dir, model_dir, tmp_path / "out", None)
     assert not (tmp_path / "out").exists()
+
+
+# ---- fastft profile ------------------------------------------------------------------------
+
+def test_profile_folder_without_config(capsys, tmp_path):
+    (tmp_path / "weights").mkdir()
+    one_line(capsys, ["profile", "--model", tmp_path / "weights"], "has no config.json")
+
+
+def test_profile_config_that_is_not_json(capsys, tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text("{model_type: llama")
+    one_line(capsys, ["profile", "--model", p], "not valid JSON")
+
+
+def test_profile_unknown_device(capsys, tmp_path):
+    one_line(capsys, ["profile", "--model", EXAMPLE_8B, "--device", "tpu"],
+             "unknown device 'tpu'", "h100")
+
+
+@pytest.mark.parametrize("rho", ["0", "1.5", "x"])
+def test_profile_rho_outside_its_range(capsys, rho):
+    one_line(capsys, ["profile", "--model", EXAMPLE_8B, "--method", "green", "--rho", rho],
+             "rho")
+
+
+def test_profile_unknown_method_and_bad_fit(capsys):
+    one_line(capsys, ["profile", "--model", EXAMPLE_8B, "--method", "lora,dora"],
+             "unknown method 'dora'")
+    one_line(capsys, ["profile", "--model", EXAMPLE_8B, "--fit", "lots"], "--fit 'lots'")
+    one_line(capsys, ["profile", "--model", EXAMPLE_8B, "--batch-size", "0"], "--batch-size")
+
+
+def test_train_green_rho_outside_its_range(capsys, tmp_path):
+    from fastft.errors import FastftError
+    from fastft.train import TrainConfig
+
+    with pytest.raises(FastftError, match="rho must be in"):
+        TrainConfig(method="green", rho=0.0).validate()

@@ -33,7 +33,7 @@ def files(*parts):
     *[(p, ("fastft.ops",)) for p in files("backends.py")],
     *[(p, ("fastft.", "fastft")) for p in files("safeio.py")],
     *[(p, ("fastft.adapters", "fastft.train", "fastft.patch")) for p in files("optim")],
-    *[(p, ("fastft.adapters", "fastft.train")) for p in files("methods")],
+    *[(p, ("fastft.adapters", "fastft.train", "fastft.profile")) for p in files("methods")],
 ], ids=lambda v: v.name if isinstance(v, Path) else "")
 def test_no_import_of_a_higher_layer(path, forbidden):
     allowed = {"fastft.errors", "fastft.errors.FastftError", "fastft.errors.check"}

@@ -30,10 +30,11 @@ def budget(shape, lora_rank: int) -> int:
 
 
 @torch.no_grad()
-def principal_mask(weight: torch.Tensor, lora_rank: int, filter_rank: int, largest: bool = True,
-                   *, fast_svd: bool = False, seed: int = 0) -> torch.Tensor:
-    """Bool mask of the ``budget(weight.shape, lora_rank)`` entries of largest (or smallest)
-    magnitude in the rank-``filter_rank`` approximation of ``weight``."""
+def principal_indices(weight: torch.Tensor, lora_rank: int, filter_rank: int,
+                      largest: bool = True, *, fast_svd: bool = False, seed: int = 0
+                      ) -> torch.Tensor:
+    """Flat indices (unsorted) of the ``budget(weight.shape, lora_rank)`` entries of largest
+    (or smallest) magnitude in the rank-``filter_rank`` approximation of ``weight``."""
     check(weight.dim() == 2, f"LIFT masks 2-d weights; got shape {tuple(weight.shape)}")
     m, n = weight.shape
     check(isinstance(filter_rank, int) and 1 <= filter_rank <= min(m, n),
@@ -51,10 +52,19 @@ def principal_mask(weight: torch.Tensor, lora_rank: int, filter_rank: int, large
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         w_hat = (u[:, :filter_rank] * s[:filter_rank]) @ vh[:filter_rank]
     k = budget((m, n), lora_rank)
-    top = torch.topk(w_hat.abs().reshape(-1), k, largest=largest, sorted=False).indices
-    mask = torch.zeros(m * n, dtype=torch.bool, device=weight.device)
+    return torch.topk(w_hat.abs().reshape(-1), k, largest=largest, sorted=False).indices
+
+
+@torch.no_grad()
+def principal_mask(weight: torch.Tensor, lora_rank: int, filter_rank: int, largest: bool = True,
+                   *, fast_svd: bool = False, seed: int = 0) -> torch.Tensor:
+    """Bool mask of the ``budget(weight.shape, lora_rank)`` entries of largest (or smallest)
+    magnitude in the rank-``filter_rank`` approximation of ``weight``."""
+    top = principal_indices(weight, lora_rank, filter_rank, largest, fast_svd=fast_svd,
+                            seed=seed)
+    mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
     mask[top] = True
-    return mask.view(m, n)
+    return mask.view(weight.shape)
 
 
 @dataclass
@@ -98,18 +108,24 @@ class LIFT(Hooks):
         return principal_mask(weight, self.lora_rank, self.filter_rank, self.largest,
                               fast_svd=self.fast_svd, seed=self.seed)
 
+    def indices(self, weight: torch.Tensor) -> torch.Tensor:
+        """The flat indices of :meth:`mask`'s entries (what SparseAdamW takes; no bool mask
+        is formed, and the count is known without looking at the values)."""
+        return principal_indices(weight, self.lora_rank, self.filter_rank, self.largest,
+                                 fast_svd=self.fast_svd, seed=self.seed)
+
     def make_optimizer(self, model: nn.Module, *, lr: float, betas=(0.9, 0.999),
                        eps: float = 1e-8, weight_decay: float = 0.0) -> SparseAdamW:
         require_prepared(self, model)
         params = [mod.weight for mod in self._targets.values()]
-        return SparseAdamW(params, (self.mask(p) for p in params), lr=lr,
+        return SparseAdamW(params, (self.indices(p) for p in params), lr=lr,
                            betas=self.betas if self.betas is not None else betas,
                            eps=self.eps if self.eps is not None else eps,
                            weight_decay=weight_decay)
 
     def refresh(self, optimizer: SparseAdamW) -> None:
         """Recompute every mask from the current weights (surviving entries keep m, v)."""
-        optimizer.refresh(self.mask(p) if optimizer.masked(i) else None
+        optimizer.refresh(self.indices(p) if optimizer.masked(i) else None
                           for i, p in enumerate(optimizer.params))
 
     def on_step_end(self, model: nn.Module, optimizer, step: int) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import backends
 from . import gemm
 
 
@@ -73,8 +74,22 @@ def op_outputs(hidden: torch.Tensor, row_loss, grad_h, grad_w) -> tuple:
 
 
 def fake_outputs(hidden: torch.Tensor, weight: torch.Tensor, need_grad_hidden: bool,
-                 need_grad_weight: bool) -> tuple:
-    """The shapes of :func:`op_outputs`, for the ops' fake implementations."""
+                 need_grad_weight: bool, ref: bool = False) -> tuple:
+    """The shapes of :func:`op_outputs`, for the ops' fake implementations; declares the
+    transient workspace of :func:`run` (for fastft.profile)."""
+    T, H = hidden.shape
+    V = weight.shape[0]
+    rows = min(T, chunk_rows(T, V, H))
+    logits = rows * V * 4 * (2 if ref else 1)  # the chunk's fp32 logits (and the reference's)
+    cuda = cpu = logits
+    if weight.dtype != torch.float32:
+        cuda += rows * V * weight.element_size()  # dz in the head's dtype beside the logits
+        cpu += V * H * 4  # the CPU upcasts the head once per call
+        if need_grad_weight:  # the fp32 accumulator of grad_W, cast at the end
+            cuda += V * H * 4
+            cpu += V * H * 4
+    work = {"cuda": cuda, "cpu": cpu}
+    backends.workspace(work)
     return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
             torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0))

@@ -89,7 +89,8 @@ def linear_cross_entropy(
 def _(hidden, weight, labels, row_weights, normalizer, ignore_index, label_smoothing, z_loss,
       softcap, temperature, dft, ref_hidden, ref_weight, kl_coef, need_grad_hidden,
       need_grad_weight):
-    return fused_linear.fake_outputs(hidden, weight, need_grad_hidden, need_grad_weight)
+    return fused_linear.fake_outputs(hidden, weight, need_grad_hidden, need_grad_weight,
+                                     ref=ref_hidden is not None)
 
 
 fused_autograd.register(linear_cross_entropy, row_weights=3, need_hidden=14, need_weight=15)

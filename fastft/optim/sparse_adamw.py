@@ -58,6 +58,13 @@ def state_bytes_for(numel: int, k: int) -> int:
     return k * (torch.empty(0, dtype=index_dtype(numel)).element_size() + 8)
 
 
+def _fake(t: Tensor) -> bool:
+    """A tensor without values (meta, or fake while fastft.profile traces a step)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "meta" or is_fake(t)
+
+
 def mask_indices(mask: Tensor) -> Tensor:
     """Sorted flat indices of the True entries of ``mask`` (int32 or int64, see index_dtype)."""
     return mask.reshape(-1).nonzero().squeeze(1).to(index_dtype(mask.numel()))
@@ -117,10 +124,12 @@ class SparseAdamW(torch.optim.Optimizer):
     # ---- masks and state ----------------------------------------------------------------
 
     def _indices(self, i: int, p: Tensor, mask) -> Tensor:
-        check(isinstance(mask, Tensor) and mask.dtype == torch.bool,
-              f"mask {i} must be a bool tensor (or None for a dense parameter); got "
+        check(isinstance(mask, Tensor) and (mask.dtype == torch.bool or (
+              mask.dim() == 1 and mask.dtype in (torch.int32, torch.int64))),
+              f"mask {i} must be a bool tensor of the parameter's shape, a 1-d tensor of flat "
+              "indices (int64/int32), or None for a dense parameter; got "
               f"{type(mask).__name__ if not isinstance(mask, Tensor) else mask.dtype}")
-        check(tuple(mask.shape) == tuple(p.shape),
+        check(mask.dtype != torch.bool or tuple(mask.shape) == tuple(p.shape),
               f"mask {i} has shape {tuple(mask.shape)} but its parameter has shape "
               f"{tuple(p.shape)}: masks are aligned with the parameters, one per parameter")
         check(p.dtype in WEIGHT_DTYPES,
@@ -130,7 +139,16 @@ class SparseAdamW(torch.optim.Optimizer):
               "addressed by flat index; make the weight contiguous first")
         check(p.requires_grad, f"parameter {i} has a mask but does not require grad: set "
               "requires_grad_(True) on it, or give None and leave it out")
-        return mask_indices(mask.to(p.device))
+        if mask.dtype == torch.bool:
+            return mask_indices(mask.to(p.device))
+        # flat indices (LIFT gives its top-k this way: no mask, and a count known from shapes)
+        idx = torch.sort(mask.to(p.device, torch.int64)).values
+        if not _fake(idx) and idx.numel():
+            check(bool(idx[0] >= 0) and bool(idx[-1] < p.numel()) and
+                  (idx.numel() < 2 or bool((idx[1:] > idx[:-1]).all())),
+                  f"the indices of parameter {i} must be distinct flat indices in "
+                  f"[0, {p.numel()})")
+        return idx.to(index_dtype(p.numel()))
 
     def _repack(self, which) -> None:
         for b in which:

@@ -15,13 +15,16 @@ from .config import TrainConfig, read_toml
 
 HELP = {
     "objective": "sft or grpo", "loss": "SFT loss: ce, dft, asft or otr",
-    "method": "lora, lora-sb, full, lift, hft, ltsft or roste", "lora_r": "adapter rank (default: the method's, LoRA 16, LoRA-SB 96)",
+    "method": "lora, lora-sb, full, lift, hft, ltsft, roste or green", "lora_r": "adapter rank (default: the method's, LoRA 16, LoRA-SB 96)",
     "adapter_dtype": "float32 (adapters fp32 on a bf16/fp16 model) or base",
     "lift_lora_rank": "LIFT: entries per matrix as for a LoRA of this rank",
     "lift_filter_rank": "LIFT: rank of the approximation whose largest entries train",
     "lift_refresh_every": "LIFT: steps between mask refreshes (0: never)",
     "hft_seed": "HFT: seed of the frozen halves (default: --seed)",
     "ltsft_proportion": "LT-SFT: fraction of the entries re-trained",
+    "rho": "GreenTrainer: share of full fine-tuning's FLOPs a step keeps, in (0, 1]",
+    "green_interval": "GreenTrainer: epochs between tensor selections",
+    "green_base": "GreenTrainer: select among full's tensors (full) or LoRA adapters (lora)",
     "w_bits": "RoSTE: weight bits, 2..8", "a_bits": "RoSTE: activation bits, 2..8",
     "kv_bits": "RoSTE: K/V bits, 2..8",
     "rotations": "RoSTE: adaptive, all, r1 (R1 only) or none",

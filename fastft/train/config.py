@@ -13,7 +13,7 @@ from ..errors import FastftError, check
 
 OBJECTIVES = ("sft", "grpo")
 SFT_LOSSES = ("ce", "dft", "asft", "otr")
-METHODS = ("lora", "lora-sb", "full", "lift", "hft", "ltsft", "roste")
+METHODS = ("lora", "lora-sb", "full", "lift", "hft", "ltsft", "roste", "green")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -34,6 +34,9 @@ class TrainConfig:
     lift_refresh_every: int = 400  # LIFT: optimizer steps between mask refreshes (0: never)
     hft_seed: int | None = None  # HFT: seed of the frozen halves (None: the run's seed)
     ltsft_proportion: float = 0.01  # LT-SFT: fraction of the entries re-trained
+    rho: float = 0.5  # GreenTrainer: share of full fine-tuning's FLOPs a step keeps
+    green_interval: int = 2  # GreenTrainer: epochs between selections
+    green_base: str = "full"  # GreenTrainer: select among "full"'s tensors or "lora" adapters
     w_bits: int = 4  # RoSTE: weight bits (per output channel), 2..8
     a_bits: int = 4  # RoSTE: input activation bits (per token), 2..8
     kv_bits: int = 4  # RoSTE: K and V bits (per token and head), 2..8
@@ -177,6 +180,13 @@ class TrainConfig:
               f"{self.lift_refresh_every}")
         check(0 < self.ltsft_proportion <= 1, "ltsft_proportion must be in (0, 1]; got "
               f"{self.ltsft_proportion}")
+        check(0 < self.rho <= 1, f"rho must be in (0, 1] (GreenTrainer: the share of full "
+              f"fine-tuning's FLOPs a step keeps); got {self.rho}")
+        check(self.green_interval >= 1, f"green_interval must be >= 1; got {self.green_interval}")
+        check(self.green_base in ("full", "lora"), f"green_base must be 'full' or 'lora'; got "
+              f"{self.green_base!r}")
+        check(self.method != "green" or self.objective == "sft", "method 'green' (GreenTrainer) "
+              "selects its tensors on SFT batches: use objective 'sft'")
         for name in ("w_bits", "a_bits", "kv_bits"):
             check(2 <= getattr(self, name) <= 8, f"{name} must be an integer in 2..8; got "
                   f"{getattr(self, name)}")

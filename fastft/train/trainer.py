@@ -46,6 +46,10 @@ def make_method(cfg: TrainConfig):
                              refresh_every=cfg.lift_refresh_every, seed=cfg.seed)
     if cfg.method == "hft":
         return _methods.HFT(seed=cfg.seed if cfg.hft_seed is None else cfg.hft_seed)
+    if cfg.method == "green":
+        return _methods.GreenTrainer(rho=cfg.rho, interval=cfg.green_interval,
+                                     base=lora(cfg.lora_dropout) if cfg.green_base == "lora"
+                                     else _methods.Full())
     if cfg.method == "roste":
         adapter = lora(0.0) if cfg.roste_lora else None  # RoSTE folds it: no dropout
         return _methods.RoSTE(w_bits=cfg.w_bits, a_bits=cfg.a_bits, kv_bits=cfg.kv_bits,
@@ -58,6 +62,7 @@ def make_method(cfg: TrainConfig):
 def method_name(method) -> str | None:
     """The TrainConfig.method of a prepared method object (None for a user's own class)."""
     names = {_methods.LoRA: "lora", _methods.LoRASB: "lora-sb", _methods.Full: "full",
+             _methods.GreenTrainer: "green",
              _methods.LIFT: "lift", _methods.HFT: "hft", _methods.LTSFT: "ltsft",
              _methods.RoSTE: "roste"}
     return names.get(type(method))
@@ -75,6 +80,24 @@ def lr_lambda(cfg: TrainConfig, total: int):
         return max(0.0, 1.0 - frac) if cfg.schedule == "linear" else \
             0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
     return f
+
+
+def build_optimizer(method, model, cfg: TrainConfig):
+    """The optimizer a run of ``method`` uses: the method's own (SparseAdamW for the sparse
+    masks), else AdamW over the trainable parameters (torch's fused one where it runs)."""
+    opt = None
+    if hasattr(method, "make_optimizer"):
+        opt = method.make_optimizer(model, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                    eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if opt is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        check(bool(params), "no parameter of the model is trainable")
+        fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
+    if hasattr(opt, "attach_hooks"):
+        opt.attach_hooks()
+    return opt
 
 
 class Trainer:
@@ -179,21 +202,7 @@ class Trainer:
         return CausalLMLoss(ref, cfg)
 
     def _optimizer(self):
-        cfg = self.cfg
-        opt = None
-        if hasattr(self.method, "make_optimizer"):
-            opt = self.method.make_optimizer(self.model, lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        if opt is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            check(bool(params), "no parameter of the model is trainable")
-            fused = all(p.device.type in ("cuda", "cpu") and p.is_floating_point()
-                        for p in params)
-            opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas),
-                                    eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused)
-        if hasattr(opt, "attach_hooks"):
-            opt.attach_hooks()
-        return opt
+        return build_optimizer(self.method, self.model, self.cfg)
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -266,6 +275,11 @@ class Trainer:
         cfg, d = self.cfg, self.dist
         micro = self._next_sft_batches()
         n_items = d.all_sum(sum(data.item_weight(b) for b in micro).to(self.device)) / d.world
+        if hasattr(self.method, "reselect"):  # GreenTrainer: which tensors train this epoch
+            self.method.reselect(self.model, self.optimizer, self.state["epoch"],
+                                 lambda: self._backward(micro, n_items),
+                                 lambda: self._green_costs(micro[0]["input_ids"].shape),
+                                 reduce=lambda t: d.all_sum(t) / d.world)
         total = torch.zeros((), device=self.device)
         for m, batch in enumerate(micro):
             batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -280,6 +294,26 @@ class Trainer:
             total += loss.detach()
         n_tok = sum(int(b["input_ids"].numel()) for b in micro) * d.world
         return {"loss": d.all_sum(total) / d.world}, n_tok
+
+    def _backward(self, micro: list[dict], n_items) -> None:
+        """Forward and backward of ``micro`` into .grad, averaged over processes (no metrics,
+        no Masked Thought): GreenTrainer's importance probe."""
+        for batch in micro:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            with self._autocast():
+                loss, _ = self.loss_model(batch, num_items=n_items)
+                loss.backward()
+        if self.dist.on:
+            distributed.average_(self._grad_tensors(), self.dist)
+
+    def _green_costs(self, shape):
+        """GreenTrainer's per-tensor backward FLOPs for batches of ``shape``, measured by
+        fastft.profile on fake-traced steps of this model's config."""
+        from ..profile.green_costs import measure_costs
+
+        dtype = next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+        return measure_costs(self.model.config, self.method.base, batch_size=int(shape[0]),
+                             seq_len=int(shape[1]), dtype=dtype)
 
     def _masked_thought(self, batch: dict, micro: int) -> dict:
         """Masked Thought: completion input tokens replaced by the mask token with probability

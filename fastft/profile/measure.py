@@ -1,0 +1,54 @@
+"""The real step on the CPU, measured with torch's own tools: what a profile is checked
+against (FlopCounterMode for FLOPs, the CPU allocator's byte counts for the peak)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from .step import _grad_tensors, _nbytes, _state_tensors
+
+
+def cpu_step(model, method, batch: dict, *, max_length: int) -> dict:
+    """Prepare ``model`` with ``method``, take two Trainer steps on ``batch`` and measure the
+    second: FLOPs, the allocator's peak (bytes alive before the step + the largest total it
+    allocated during it), and the parameter / gradient / optimizer bytes."""
+    from ..patch import prepare
+    from ..train import TrainConfig
+    from ..train.loss_model import CausalLMLoss
+    from ..train.trainer import build_optimizer
+
+    prepare(model, method)
+    cfg = TrainConfig(max_length=max_length)
+    lm = CausalLMLoss(model, cfg)
+    opt = build_optimizer(method, model, cfg)
+    n = torch.tensor(float(batch["input_ids"].numel()))
+    out = {}
+
+    def step():
+        loss, _ = lm(batch, num_items=n)
+        loss.backward()
+        out["gradients"] = _nbytes(_grad_tensors(model, opt))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    live = _nbytes(list(model.parameters()) + list(model.buffers()) + _state_tensors(opt)
+                   + [v for v in batch.values() if isinstance(v, torch.Tensor)])
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(f"{d}/trace.json")
+        events = json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"]
+    allocated = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return {"flops": fc.get_total_flops(), "peak": live + max(allocated, default=0),
+            "parameters": _nbytes(list(model.parameters()) + list(model.buffers())),
+            "optimizer": _nbytes(_state_tensors(opt)), "gradients": out["gradients"]}

@@ -1,0 +1,97 @@
+"""fastft.profile against the real step: FLOPs, exact weight/gradient/optimizer bytes, and
+the peak within 10% of what the CPU allocator measured."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import fastft
+from fastft.profile import measure
+from fastft.profile import step as pstep
+
+EXAMPLE_8B = Path(__file__).resolve().parents[2] / "examples" / "llama-3-8b" / "config.json"
+
+
+def small_config():
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+METHODS = {"full": lambda: fastft.Full(), "lora": lambda: fastft.LoRA(r=8),
+           "lift": lambda: fastft.LIFT(lora_rank=4, filter_rank=8)}
+B, S = 4, 128
+
+
+def real_step(method_name):
+    """Two real CPU steps as the Trainer takes them, measured by torch's own tools."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(small_config()).train()
+    ids = torch.randint(0, 512, (B, S))
+    return measure.cpu_step(model, METHODS[method_name](), {"input_ids": ids,
+                                                             "labels": ids.clone()},
+                            max_length=S)
+
+
+def traced(method_name):
+    return pstep.trace(small_config(), METHODS[method_name](), batch_size=B, seq_len=S,
+                       dtype=torch.float32, kind="cpu")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_flops_and_static_bytes_equal_the_real_step(method):
+    real, tr = real_step(method), traced(method)
+    assert tr.flops_total == real["flops"]
+    assert tr.static == {k: real[k] for k in ("parameters", "gradients", "optimizer")}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_peak_within_ten_percent_of_the_cpu_allocator(method):
+    real, tr = real_step(method), traced(method)
+    assert abs(tr.peak_bytes - real["peak"]) <= 0.10 * real["peak"], (tr.peak_bytes, real)
+
+
+def test_llama3_8b_lora_matches_a_hand_count():
+    H, I, KV, L, V, r = 4096, 14336, 1024, 32, 128256, 16  # noqa: E741
+    base = L * (2 * H * H + 2 * H * KV + 3 * H * I + 2 * H) + 2 * V * H + H
+    adapters = L * r * ((H + H) + 2 * (H + KV) + (H + H) + 2 * (H + I) + (I + H))
+    tr = pstep.trace(pstep.load_config(EXAMPLE_8B), fastft.LoRA(r=16), batch_size=1,
+                     seq_len=256, dtype=torch.bfloat16)
+    assert tr.params == base + adapters
+    assert tr.trainable == adapters
+    rotary = 2 * (H // 32 // 2) * 4  # inv_freq and its original copy: fp32 buffers
+    assert tr.static["parameters"] == 2 * base + 4 * adapters + rotary  # fp32 adapters
+    assert tr.static["gradients"] == 4 * adapters
+    # AdamW: exp_avg and exp_avg_sq fp32 per adapter entry, one step counter per tensor
+    n_tensors = 2 * 7 * L
+    assert tr.static["optimizer"] == 8 * adapters + 4 * n_tensors
+
+
+def test_profile_table_json_and_png(tmp_path):
+    p = fastft.profile.profile(small_config(), "lora", batch_size=2, seq_len=64, device="a100")
+    assert p.flops == p.flops_forward + p.flops_backward > 0
+    assert p.fits and p.step_seconds > 0
+    text = fastft.profile.table([p])
+    assert "peak (GiB)" in text and "lora" in text
+    fastft.profile.write_json([p], tmp_path / "p.json")
+    assert json.loads((tmp_path / "p.json").read_text())[0]["method"] == "lora"
+    assert fastft.profile.plot([p], tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_fit_finds_the_largest_batch(tmp_path):
+    one = fastft.profile.profile(small_config(), "lora", batch_size=1, seq_len=64,
+                                 device="cpu")
+    two = fastft.profile.profile(small_config(), "lora", batch_size=2, seq_len=64,
+                                 device="cpu")
+    budget = one.peak_bytes + 3.5 * (two.peak_bytes - one.peak_bytes)
+    what, b, p = fastft.profile.fit(small_config(), "lora", memory=budget, seq_len=64,
+                                    device="cpu")
+    assert what == "batch_size" and p.peak_bytes <= budget
+    above = fastft.profile.profile(small_config(), "lora", batch_size=b + 1, seq_len=64,
+                                   device="cpu")
+    assert above.peak_bytes > budget
