@@ -1,5 +1,6 @@
-"""The real step on the CPU, measured with torch's own tools: what a profile is checked
-against (FlopCounterMode for FLOPs, the CPU allocator's byte counts for the peak)."""
+"""The real step, measured with torch's own tools: what a profile is checked against
+(FlopCounterMode for FLOPs; for the peak, the CPU allocator's byte counts, or
+torch.cuda.max_memory_allocated on a GPU)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from .step import _grad_tensors, _nbytes, _state_tensors
 
 
-def cpu_step(model, method, batch: dict, *, max_length: int) -> dict:
+def real_step(model, method, batch: dict, *, max_length: int) -> dict:
     """Prepare ``model`` with ``method``, take two Trainer steps on ``batch`` and measure the
     second: FLOPs, the allocator's peak (bytes alive before the step + the largest total it
-    allocated during it), and the parameter / gradient / optimizer bytes."""
+    allocated during it; on CUDA, max_memory_allocated), and the parameter / gradient /
+    optimizer bytes."""
     from ..patch import prepare
     from ..train import TrainConfig
     from ..train.loss_model import CausalLMLoss
@@ -41,6 +43,14 @@ def cpu_step(model, method, batch: dict, *, max_length: int) -> dict:
     step()
     with FlopCounterMode(display=False) as fc:
         step()
+    if batch["input_ids"].is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return {"flops": fc.get_total_flops(), "peak": torch.cuda.max_memory_allocated(),
+                "parameters": _nbytes(list(model.parameters()) + list(model.buffers())),
+                "optimizer": _nbytes(_state_tensors(opt)), "gradients": out["gradients"]}
     live = _nbytes(list(model.parameters()) + list(model.buffers()) + _state_tensors(opt)
                    + [v for v in batch.values() if isinstance(v, torch.Tensor)])
     with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

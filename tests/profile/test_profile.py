@@ -33,7 +33,7 @@ def real_step(method_name):
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(small_config()).train()
     ids = torch.randint(0, 512, (B, S))
-    return measure.cpu_step(model, METHODS[method_name](), {"input_ids": ids,
+    return measure.real_step(model, METHODS[method_name](), {"input_ids": ids,
                                                              "labels": ids.clone()},
                             max_length=S)
 
