@@ -14,6 +14,9 @@ Targets, per (op, params, dtype) measured on CUDA:
 - hadamard (bf16, 8192 rows): time within 1.2x of a copy of the same bytes for
   n <= 8192; rotate_fake_quant: within 1.3x of that copy; a RoSTE training step
   (W4A4KV4, all rotations) at most 1.3x the plain bf16 step.
+- lora_sft (the step suite: a whole LoRA SFT step of Llama-3-8B-wide layers): fastft
+  tokens/s >= 1.3x transformers+peft and >= 1.1x transformers+peft+liger, peak memory
+  <= 0.6x transformers+peft.
 """
 
 import json
@@ -36,6 +39,12 @@ TARGETS = {
                      {"n": n}) for n in (4096, 8192)]},
     "rotate_fake_quant": [("time <= 1.3x copy", "copy", "median_ms", 1.3)],
     "train_step": [("RoSTE step <= 1.3x bf16 step", "plain", "median_ms", 1.3)],
+    # the step suite: throughput floors and a memory ceiling of the whole LoRA SFT step
+    "lora_sft": [("tokens/s >= 1.3x transformers+peft", "transformers+peft", "tokens_per_s",
+                  1.3, ">="),
+                 ("tokens/s >= 1.1x transformers+peft+liger", "transformers+peft+liger",
+                  "tokens_per_s", 1.1, ">="),
+                 ("peak <= 0.6x transformers+peft", "transformers+peft", "peak_bytes", 0.6)],
 }
 
 

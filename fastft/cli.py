@@ -84,15 +84,33 @@ def cmd_check_kernels(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_suite, suites
+    # from the harness: once the subpackage fastft.bench.suites is imported, the name
+    # fastft.bench.suites is that package, not the function
+    from .bench.harness import run_suite, suites
 
+    if args.plot:  # redraw the figures of stored results; nothing runs
+        from .bench.plot import plot_results
+
+        only = None if args.suite in (None, "all") else \
+            {n.strip() for n in args.suite.split(",") if n.strip()}
+        plot_results(args.plot, args.out, suites=only, required=True)
+        return 0
+    if not args.suite:
+        raise FastftError("give --suite NAME (or 'all', or a comma-separated list) to run "
+                          "benchmarks, or --plot results.json to redraw their figures")
+    args.out = args.out or "bench-results"
     device = args.device
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise FastftError("--device cuda but torch sees no CUDA device; use --device cpu")
-    names = suites() if args.suite == "all" else [args.suite]
+    names = suites() if args.suite == "all" else \
+        [n.strip() for n in args.suite.split(",") if n.strip()]
+    unknown = [n for n in names if n not in suites()]
+    if unknown:
+        raise FastftError(f"no bench suite named {', '.join(unknown)}; suites: "
+                          f"{', '.join(suites())}")
     ops = {o.strip() for o in args.op.split(",") if o.strip()} if args.op else None
     if ops:
         from .bench.harness import suite_ops
@@ -219,9 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_check_kernels)
 
     s = sub.add_parser("bench", help="run a benchmark suite")
-    s.add_argument("--suite", required=True, help="suite name (losses, ...) or 'all'")
+    s.add_argument("--suite", default=None,
+                   help="suite name (losses, step, ...), a comma-separated list, or 'all'")
     s.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    s.add_argument("--out", default="bench-results", help="folder for results.json/.md")
+    s.add_argument("--out", default=None, help="folder for results.json/.md and the PNG "
+                   "figures (default bench-results; with --plot, the JSON's folder)")
+    s.add_argument("--plot", default=None, metavar="RESULTS_JSON",
+                   help="redraw the figures (one PNG per suite) of a stored results.json; "
+                   "runs nothing")
     s.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     s.add_argument("--op", default=None, help="only these ops (comma-separated), e.g. grpo,otr")
     s.set_defaults(func=cmd_bench)

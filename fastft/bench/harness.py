@@ -12,7 +12,12 @@ and returns a function that runs the measured work once. For each case:
 - FLOPs by ``torch.utils.flop_counter.FlopCounterMode`` over the warm-up run;
 - numbers the case computes itself (the run function's ``metrics`` dict, e.g.
   ``bytes_moved`` or ``state_bytes``) join the row; with ``bytes_moved`` the row
-  also gets ``gbps``, the achieved bandwidth.
+  also gets ``gbps``, the achieved bandwidth, and with ``tokens`` (a training
+  step's) ``tokens_per_s``.
+
+Ratios (the markdown table, the PNG figure of fastft/bench/plot.py) divide by
+the case's plain provider: the one its suite names in ``BASELINE`` (op ->
+provider), else the first of ``PLAIN`` that was measured.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 import torch
 
 ROW_TAG = "FASTFT_ROW "
+PLAIN = ("reference", "plain", "unfused", "dense", "dense_adamw")
 
 
 @dataclass
@@ -136,6 +142,8 @@ def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int 
     extra = dict(getattr(fn, "metrics", None) or {})
     if "bytes_moved" in extra and med > 0:
         extra["gbps"] = round(extra["bytes_moved"] / (med * 1e-3) / 1e9, 3)
+    if "tokens" in extra and med > 0:
+        extra["tokens_per_s"] = round(extra["tokens"] / (med * 1e-3), 1)
     row.update(extra)
     return row
 
@@ -163,7 +171,9 @@ def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = Fals
               ops: set[str] | None = None, echo: Callable[[str], None] = print) -> list[dict]:
     """Run the cases of a suite (those of ``ops`` when given); write results.json and
     results.md to ``out_dir``."""
-    cases = _suite(name).cases(device, quick=quick)
+    module = _suite(name)
+    cases = module.cases(device, quick=quick)
+    declared = getattr(module, "BASELINE", {})
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -184,9 +194,15 @@ def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = Fals
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()
+        row["suite"] = name
+        if case.op in declared:
+            row["baseline"] = declared[case.op]
         rows.append(row)
         _store(out, [row])  # after every case: a run cut short keeps what it measured
     echo(markdown(rows))
+    from .plot import plot_results
+
+    plot_results(out / "results.json", out, suites={name}, echo=echo)
     return rows
 
 
@@ -215,7 +231,8 @@ def _run_in_subprocess(suite: str, index: int, device: str, quick: bool) -> dict
     raise RuntimeError(f"bench case {suite}[{index}] failed:\n{proc.stderr[-3000:]}")
 
 
-EXTRA_COLUMNS = ("bytes_moved", "gbps", "state_bytes", "ratio_to_dense")
+EXTRA_COLUMNS = ("tokens_per_s", "first_loss", "bytes_moved", "gbps", "state_bytes",
+                 "ratio_to_dense")
 
 
 def _fmt(v) -> str:
@@ -226,15 +243,28 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def case_key(r: dict) -> tuple:
+    """What makes rows the same case, measured by different providers."""
+    return r["op"], json.dumps(r["params"], sort_keys=True), r["dtype"], r.get("device")
+
+
+def baseline_row(rows: list[dict], r: dict) -> dict | None:
+    """The row of ``r``'s case that its ratios divide by (its suite's plain provider)."""
+    by = {x["provider"]: x for x in rows if case_key(x) == case_key(r)}
+    named = r.get("baseline")
+    if named is not None:
+        return by.get(named)
+    return next((by[p] for p in PLAIN if p in by), None)
+
+
 def markdown(rows: list[dict]) -> str:
-    """A table for people: one line per row, with time and memory relative to the reference."""
-    ref = {(r["op"], json.dumps(r["params"], sort_keys=True), r["dtype"]): r
-           for r in rows if r["provider"] == "reference"}
+    """A table for people: one line per row, with time and memory relative to the case's
+    plain provider (see ``baseline_row``)."""
     head = ("| op | provider | params | dtype | median ms | p20-p80 ms | peak MiB | GFLOP | "
             "TFLOP/s | time / ref | peak / ref |")
     lines = [head, "|" + "---|" * 11]
     for r in rows:
-        base = ref.get((r["op"], json.dumps(r["params"], sort_keys=True), r["dtype"]))
+        base = baseline_row(rows, r)
         t = f"{r['median_ms'] / base['median_ms']:.2f}x" if base else "-"
         m = f"{r['peak_bytes'] / base['peak_bytes']:.3f}x" if base and base["peak_bytes"] else "-"
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
@@ -250,4 +280,5 @@ def markdown(rows: list[dict]) -> str:
             lines[i] += " " + " | ".join(_fmt(r.get(k)) for k in extra) + " |"
     device = rows[0]["device"] if rows else ""
     commit_ = rows[0]["commit"] if rows else ""
-    return "\n".join(lines) + f"\n\ndevice: {device}; commit: {commit_}"
+    return "\n".join(lines) + (f"\n\ndevice: {device}; commit: {commit_}; ref: each case's "
+                                "plain provider")

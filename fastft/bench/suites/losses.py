@@ -1,4 +1,4 @@
-"""Bench suite ``losses``: the fused loss head against the reference (and Liger on CUDA).
+"""Bench suite ``losses``: the fused loss head against the reference, TRL and Liger (CUDA).
 
 Every case is a forward and backward of one loss from hidden states. "train"
 head also computes the head's gradient (full fine-tuning); "frozen" does not
@@ -6,6 +6,15 @@ head also computes the head's gradient (full fine-tuning); "frozen" does not
 also the reference model's; OTR samples with torch.multinomial), with its GEMM
 in the inputs' dtype and fp32 logits after it, as a Hugging Face model and its
 loss compute them.
+
+Peers, where they compute the same quantity: ``liger`` (CUDA only: fused linear
+cross-entropy, DFT, GRPO) and ``trl`` (TRL's chunked LM head,
+``trl.kernels.ChunkedLogProbFunction``, reached through ``add_fused_lm_head`` as
+TRL's trainers reach it): cross-entropy as SFTTrainer forms it, the sum of
+-log p of the labels divided by the labelled tokens (log-probs only: SFTTrainer
+also asks the head for entropy and top-1 flags, which the ``step`` suite measures),
+and GRPO as GRPOTrainer's ``_compute_loss`` forms it (log-probs and entropy from
+the head, then its clipped loss and KL in PyTorch).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from ..harness import Case
 from ._common import backward_and_clear, head_inputs, needs_cuda, peer
 
 LOSSES = ("cross_entropy", "dft", "asft", "otr", "grpo")
-PEERS = {"cross_entropy": "liger", "dft": "liger", "grpo": "liger"}
+PEERS = {"cross_entropy": ("liger", "trl"), "dft": ("liger",), "grpo": ("liger", "trl")}
 
 
 def _shape(device: str, quick: bool):
@@ -53,6 +62,38 @@ def _plain(fn):
     return run
 
 
+def _trl_cross_entropy(h, w, y):
+    """SFTTrainer's loss: TRL's fused head on labels already aligned with ``h`` (its
+    ``shift_labels``), -sum(log p) / labelled tokens."""
+    from ._trl import head_model
+
+    model = head_model(lambda ids: h[None], w)
+    ids = torch.zeros(1, h.shape[0], dtype=torch.long, device=h.device)
+    labels = y[None]
+    return lambda: backward_and_clear(
+        model(input_ids=ids, shift_labels=labels, fused_lm_head=True).loss, h,
+        model.lm_head.weight)
+
+
+def _trl_grpo(hidden, w, tokens, mask, adv, old, ref_lp, *, beta):
+    """GRPOTrainer's loss on a one-token prompt: position i of ``hidden`` predicts
+    completion token i, as ``_compute_loss`` reads the backbone's output."""
+    from ._trl import grpo_loss, head_model
+
+    B, S, H = hidden.shape
+    pad = hidden.new_zeros(B, 1, H)  # the last position predicts nothing
+    model = head_model(lambda ids: torch.cat([hidden, pad], 1), w,
+                       outputs=("log_probs", "entropy"))
+    compute = grpo_loss(model, max_completion_length=S, beta=beta,
+                        device_type=hidden.device.type)
+    inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long, device=hidden.device),
+                  prompt_mask=torch.ones(B, 1, dtype=torch.long, device=hidden.device),
+                  completion_ids=tokens, completion_mask=mask.long(), advantages=adv,
+                  num_items_in_batch=mask.sum(), old_per_token_logps=old,
+                  ref_per_token_logps=ref_lp)
+    return lambda: backward_and_clear(compute(dict(inputs)), hidden, model.lm_head.weight)
+
+
 def _build(loss: str, provider: str, T, H, V, dtype, device, train_head):
     h, w, y = head_inputs(T, H, V, dtype, device, train_head=train_head)
     ref_h = (h.detach() + 0.1 * torch.randn_like(h)) if loss == "asft" else None
@@ -65,6 +106,8 @@ def _build(loss: str, provider: str, T, H, V, dtype, device, train_head):
         if provider == "reference":
             return _plain(lambda: backward_and_clear(ref.grpo(hidden, w, tokens, adv, **kw)[0],
                                                      hidden, w))
+        if provider == "trl":
+            return _trl_grpo(hidden, w, tokens, mask, adv, old, ref_lp, beta=kw["beta"])
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
         fn = LigerFusedLinearGRPOLoss(beta=0.04, use_ref_model=True, loss_type="dapo")
@@ -79,6 +122,8 @@ def _build(loss: str, provider: str, T, H, V, dtype, device, train_head):
         extra = {"asft": dict(ref_hidden=ref_h), "otr": dict(samples=None, k=8)}.get(loss, {})
         fn = getattr(ref, loss)
         return _plain(lambda: backward_and_clear(fn(h, w, y, **extra), h, w))
+    if provider == "trl":
+        return _trl_cross_entropy(h, w, y)
     from liger_kernel.transformers.fused_linear_cross_entropy import (
         LigerFusedLinearCrossEntropyLoss,
     )
@@ -95,11 +140,9 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             else ("train",)
         for head in heads:
             params = dict(shape, head=head)
-            for provider in ("fastft", "reference", PEERS.get(loss)):
-                if provider is None:
-                    continue
-                avail = (lambda: needs_cuda(device) or peer("liger_kernel")) \
-                    if provider == "liger" else (lambda: None)
+            for provider in ("fastft", "reference", *PEERS.get(loss, ())):
+                avail = {"liger": lambda: needs_cuda(device) or peer("liger_kernel"),
+                         "trl": lambda: peer("trl")}.get(provider, lambda: None)
                 out.append(Case(
                     op=loss, provider=provider, params=params, dtype=dtype,
                     build=partial(_build, loss, provider, shape["T"], shape["H"], shape["V"],
