@@ -36,17 +36,17 @@ step() {  # step NAME TIMEOUT_S CMD...
 }
 
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-# Budget, 8 minutes in all: tests 180 s, benchmarks 220 s (the kernel suites 150 s, the
+# Budget, 8 minutes in all: tests 165 s, benchmarks 205 s (the kernel suites 135 s, the
 # whole-step suite 70 s: two Llama-3-8B-wide layers; each case is stored as soon as it is
 # measured, so a cut-short run keeps its rows), the profile against max_memory_allocated
-# 30 s, the compile check 60 s.
+# 20 s, the compile check 60 s.
 step info 20 "$PY" -m fastft.cli info
-step tests 180 env FASTFT_TEST_DEVICE=cuda "$PY" -m pytest -q -m "not slow" tests \
+step tests 165 env FASTFT_TEST_DEVICE=cuda "$PY" -m pytest -q -m "not slow" tests \
   --junitxml="$OUT/tests.xml"
-step bench 150 "$PY" -m fastft.cli bench --suite losses,lora,quant,sparse --device cuda \
+step bench 135 "$PY" -m fastft.cli bench --suite losses,lora,quant,sparse --device cuda \
   --out "$OUT/bench"
 step bench-step 70 "$PY" -m fastft.cli bench --suite step --device cuda --out "$OUT/bench"
-step profile 30 "$PY" benches/profile_check.py --device cuda --out "$OUT/profile"
+step profile 20 "$PY" benches/profile_check.py --device cuda --out "$OUT/profile"
 step targets 10 "$PY" benches/gpu_targets.py "$OUT/bench/results.json" "$OUT/targets.json"
 step check-kernels 60 "$PY" -m fastft.cli check-kernels --arch sm_90,sm_80
 
