@@ -1,23 +1,28 @@
 #!/usr/bin/env python
 """GreenTrainer on the demo task: held-out exact match and measured training FLOPs.
 
-    python benches/green_demo.py [--out DIR] [--steps N]
+    python benches/green_demo.py [--out DIR] [--steps N] [--base-steps M]
 
 Full fine-tuning, then GreenTrainer (base full, interval 2 epochs) at rho 0.7, 0.5 and
 0.3, each from the same initial model and data order with the demo's SFT recipe.
 Training FLOPs are measured per step: torch's FlopCounterMode (with fastft's formulas)
 counts one real forward + backward on the run's first batch under each selection the
 run made, times the optimizer steps it trained, plus two full forward + backward passes
-per importance probe. Writes green.json and green.md under --out.
+per importance probe. With ``--base-steps M``, every run fine-tunes the same model
+first trained with full SFT for M steps (GreenTrainer is a fine-tuning method: from
+random initialisation it never selects the embeddings, whose cost is the whole
+backward pass). Writes green.json and green.md under --out.
 """
 
 import argparse
+import copy
 import json
 import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import fastft
 import fastft.profile  # noqa: F401 (registers the CPU attention FLOP formula)
 from fastft.demo import experiments as ex
 from fastft.train import TrainConfig, data
@@ -42,8 +47,14 @@ def main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench-results/green")
     p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--base-steps", type=int, default=0)
     args = p.parse_args(argv)
     t = ex.task(args.out)
+    base = None
+    if args.base_steps:
+        base, _ = ex.sft(t, "base", max_steps=args.base_steps, method="full")
+        print(f"{'base':<16} {ex.accuracy(t, base):6.1%}  ({args.base_steps} full SFT steps)",
+              flush=True)
     rows, full = [], None
     tok = t.tok
     recs = data.read_records(str(t.train_path), "data", skip_invalid=False)[:64]
@@ -53,8 +64,10 @@ def main(argv):
     for name, extra in [("full", dict(method="full")),
                         *[(f"green rho={r}", dict(method="green", rho=r, green_interval=2))
                           for r in (0.7, 0.5, 0.3)]]:
-        model, summary = ex.sft(t, name.replace(" ", "_").replace("=", ""),
-                                max_steps=args.steps, **extra)
+        start = fastft.unpatch(copy.deepcopy(base)) if base is not None else None
+        model, summary = ex.sft(t, name.replace(" ", "_").replace("=", ""), model=start,
+                                max_steps=args.steps, seed=1 if base is not None else 0,
+                                **extra)
         method = model._fastft.method
         if extra["method"] == "full":
             flops = args.steps * step_flops(model, batch, None)
