@@ -28,9 +28,10 @@ def device():
     return DEVICE
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "triton", "cpp"] if DEVICE == "cpu" else ["torch", "triton"])
 def backend(request, monkeypatch):
-    """Run the test once per backend of the fused ops that this machine can run."""
+    """Run the test once per backend of the fused ops that this machine can run (cpp: the
+    C++ CPU kernels of csrc/; an op without one runs its torch path)."""
     monkeypatch.setenv("FASTFT_BACKEND", request.param)
     return request.param
 

@@ -23,8 +23,9 @@ def otr(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, k: 
     The policy is p = softmax(softcap(hidden @ weight.T) / temperature) (the
     model's own distribution: ``temperature`` is the model's logit scaling, 1 for
     most). K tokens are drawn from it at ``sampling_temperature`` tau, i.e. from
-    softmax(softcap(z) / (temperature tau)) (Gumbel-max inside the kernel, keyed
-    by ``seed``, row and k: the same seed gives the same samples; without a seed
+    softmax(softcap(z) / (temperature tau)) (inside the kernel: Gumbel-max on CUDA and
+    the torch path, the inverse CDF on the C++ CPU path, each keyed by ``seed``, row
+    and k: the same seed and backend give the same samples; without a seed
     one is drawn from torch's generator, so repeated calls draw fresh samples),
     rewarded 1 if equal to the label else -beta; ``include_target`` adds the
     label as one more rollout with reward 1. loss_t = -(1/K') sum_k r_k log p(a_k):

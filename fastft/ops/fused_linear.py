@@ -23,14 +23,22 @@ import torch
 from .. import backends
 from . import gemm
 
+# On the CPU a chunk holds at least this many logits (64 MiB in fp32): the GEMMs of skinny
+# chunks run well below the CPU's GEMM rate (at V = 32000, 128 rows took 1.4x the time of 512).
+CPU_MIN_LOGITS = 1 << 24
 
-def chunk_rows(T: int, V: int, H: int) -> int:
-    """Rows per chunk: about T*H logits per chunk (the size of the hidden states)."""
+
+def chunk_rows(T: int, V: int, H: int, *, cpu: bool = False) -> int:
+    """Rows per chunk: about T*H logits per chunk (the size of the hidden states); on the
+    CPU (``cpu``) at least CPU_MIN_LOGITS, unless that is more than T / 8 rows."""
     env = os.environ.get("FASTFT_LOSS_CHUNK")
     if env:
         return max(1, int(env))
     want = max(1, -(-T * H // max(V, 1)))
     rows = 1 << (want - 1).bit_length()
+    if cpu:  # but never more than an eighth of the rows: the memory ceiling stays T*V/8 at most
+        floor = 1 << (max(1, CPU_MIN_LOGITS // max(V, 1)).bit_length() - 1)
+        rows = max(rows, min(floor, max(128, T // 8)))
     return max(1, min(T, max(128, rows)))
 
 
@@ -44,9 +52,12 @@ class Head:
         self.w = weight if weight.is_cuda else weight.float()
         self.grad_dtype = self.w.dtype  # dtype of dz for the backward GEMMs
 
-    def logits(self, h_c: torch.Tensor) -> torch.Tensor:
+    def logits(self, h_c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """h_c W^T, into ``out`` (of the head's dtype) when given."""
         if self.mixed:
             return gemm.mm_f32(h_c, self.w.t())
+        if out is not None:
+            return torch.mm(h_c.to(self.w.dtype), self.w.t(), out=out)
         return h_c.to(self.w.dtype) @ self.w.t()
 
     def grad_hidden(self, dz: torch.Tensor, out: torch.Tensor) -> None:
@@ -80,8 +91,10 @@ def fake_outputs(hidden: torch.Tensor, weight: torch.Tensor, need_grad_hidden: b
     T, H = hidden.shape
     V = weight.shape[0]
     rows = min(T, chunk_rows(T, V, H))
-    logits = rows * V * 4 * (2 if ref else 1)  # the chunk's fp32 logits (and the reference's)
-    cuda = cpu = logits
+    cpu_rows = min(T, chunk_rows(T, V, H, cpu=True))
+    # the chunk's fp32 logits (and the reference's); the CPU runs larger chunks
+    cuda = rows * V * 4 * (2 if ref else 1)
+    cpu = cpu_rows * V * 4 * (2 if ref else 1)
     if weight.dtype != torch.float32:
         cuda += rows * V * weight.element_size()  # dz in the head's dtype beside the logits
         cpu += V * H * 4  # the CPU upcasts the head once per call
@@ -132,12 +145,24 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
     acc_w = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if need_grad_weight \
         else None
     need_dz = need_grad_hidden or need_grad_weight
-    step = chunk_rows(T, V, H)
+    cpu = hidden.device.type == "cpu"
+    step = chunk_rows(T, V, H, cpu=cpu)
     dz_buf = None
+    # On the CPU each head's logits go to one buffer reused chunk after chunk: a fresh chunk
+    # would be fresh pages, which the kernel faults in and zeroes (~15% of the chunk's GEMM).
+    bufs: dict[str, torch.Tensor] = {}
+
+    def logits(role: str, hd: Head, h: torch.Tensor) -> torch.Tensor:
+        if not cpu or hd.mixed:
+            return hd.logits(h)
+        if role not in bufs:
+            bufs[role] = torch.empty(min(step, T), V, dtype=hd.w.dtype)
+        return hd.logits(h, out=bufs[role][: h.shape[0]])
+
     for start in range(0, T, step):
         end = min(T, start + step)
         h_c = hidden[start:end]
-        z = head.logits(h_c)
+        z = logits("policy", head, h_c)
         idx_c = idx(start, end, z) if callable(idx) else idx[start:end]
         stats = rows.row_stats(z, idx_c, softcap=softcap, temperature=temperature,
                                want_sum=want_sum, want_entropy=want_entropy)
@@ -152,7 +177,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
                 dz = dz_buf[: end - start]
         ref_c = None
         if ref is not None:
-            z_ref = ref_head.logits(ref_hidden[start:end])
+            z_ref = logits("ref", ref_head, ref_hidden[start:end])
             lse_ref = rows.row_stats(z_ref, idx_c, softcap=softcap,
                                      temperature=temperature, want_sum=False,
                                      want_entropy=False)[0]

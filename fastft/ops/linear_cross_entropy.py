@@ -27,7 +27,8 @@ INFO = backends.register(backends.OpInfo(
     name="fastft::linear_cross_entropy",
     summary="fused linear cross-entropy, DFT and ASFT (label smoothing, z-loss, softcap, "
             "temperature)",
-    backends=("triton", "torch", "reference"),
+    backends=("triton", "cpp", "torch", "reference"),
+    cpp_extension="loss_rows",
 ))
 
 

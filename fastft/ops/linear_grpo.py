@@ -28,12 +28,14 @@ from . import fused_autograd, fused_linear, row_backends
 INFO = backends.register(backends.OpInfo(
     name="fastft::linear_grpo",
     summary="fused GRPO / DAPO / Dr. GRPO / GSPO policy loss with metrics",
-    backends=("triton", "torch", "reference"),
+    backends=("triton", "cpp", "torch", "reference"),
+    cpp_extension="loss_rows",
 ))
 LOGPROBS_INFO = backends.register(backends.OpInfo(
     name="fastft::linear_logprobs",
     summary="fused per-token log-probabilities (and entropy), no gradient",
-    backends=("triton", "torch", "reference"),
+    backends=("triton", "cpp", "torch", "reference"),
+    cpp_extension="loss_rows",
 ))
 METRICS = ("logp", "kl", "ratio", "clip_low", "clip_high", "entropy")
 

@@ -9,8 +9,10 @@ model's distribution. Over the K' = K (+1) rollouts:
     loss_t = -(1/K') sum_k r_k log p(a_k),    dz = (rbar p - (1/K') sum_k r_k e_{a_k}) ds/dz
 
 with rbar the mean reward. The samples come from ``samples`` [T, K] when
-given, else from the Gumbel-max sampler keyed by (seed, row, k, v) on the
-chunk's own logits; the op returns them.
+given, else from the backend's sampler on the chunk's own logits, a pure
+function of (seed, row, k): Gumbel-max with Philox noise keyed by (seed, row,
+k, v) on the Triton and torch backends (one stream), the inverse CDF of each
+row on the C++ one (its own stream, csrc/gumbel_sample.cpp). The op returns them.
 """
 
 from __future__ import annotations

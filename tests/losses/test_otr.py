@@ -64,36 +64,90 @@ def test_same_seed_same_samples_whatever_the_chunking(backend, device, monkeypat
 
 
 # On the CPU the Triton sampler is proven by drawing the same stream as the torch
-# one (next test); its own chi-square runs where it is fast, on a GPU.
+# one (test_triton_sampler_draws_the_torch_stream); its own chi-square runs where it is
+# fast, on a GPU. The C++ sampler draws a stream of its own (inverse CDF), proven by its
+# distribution and its determinism.
 ON_CUDA = os.environ.get("FASTFT_TEST_DEVICE") == "cuda"
 SAMPLERS = ["torch", "triton"] if ON_CUDA else ["torch", "cpp"]
 
 
+def chi_square(samples, probs):
+    counts = torch.bincount(samples.reshape(-1).cpu(), minlength=probs.numel()).double()
+    expected = probs.double().cpu() * samples.numel()
+    return ((counts - expected) ** 2 / expected).sum().item()
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
-@pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_sampler_follows_softmax_chi_square(device, sampler, temperature):
-    """Many draws of one small distribution: chi-square against softmax(z / t)."""
+@pytest.mark.parametrize("temperature,softcap", [(1.0, 0.0), (0.5, 0.0), (0.8, 1.5)])
+def test_sampler_follows_softmax_chi_square(device, sampler, temperature, softcap):
+    """Many draws of one small distribution: chi-square against softmax(softcap(z) / t)."""
     V, rows, k = 10, 400, 8
     z = torch.linspace(-2.0, 1.5, V, device=device)
     chunk = z.expand(rows, V).contiguous()
     fn = row_backends.get(sampler).sample
-    s = fn(chunk, k, seed=1234, row_offset=0, softcap=0.0, temperature=temperature)
-    counts = torch.bincount(s.reshape(-1).cpu(), minlength=V).double()
-    expected = torch.softmax(z.double().cpu() / temperature, 0) * rows * k
-    chi2 = ((counts - expected) ** 2 / expected).sum().item()
-    assert chi2 < 27.88  # p = 0.001 at 9 degrees of freedom
+    s = fn(chunk, k, seed=1234, row_offset=0, softcap=softcap, temperature=temperature)
+    zd = z.double().cpu()
+    if softcap:
+        zd = torch.tanh(zd / softcap) * softcap
+    assert chi_square(s, torch.softmax(zd / temperature, 0)) < 27.88  # p = 0.001, 9 dof
     # the K draws of a row are independent streams, not copies
     assert (s[:, 0] != s[:, 1]).float().mean() > 0.3
 
 
-@pytest.mark.parametrize("other", ["triton"] if ON_CUDA else ["triton", "cpp"])
-def test_every_sampler_draws_the_torch_stream(device, other):
+def test_triton_sampler_draws_the_torch_stream(device):
     g = torch.Generator().manual_seed(0)
     z = (torch.randn(40, 700, generator=g) * 2).to(device)
     kw = dict(seed=2**40 + 17, row_offset=3, softcap=5.0, temperature=0.8)
-    a = (gumbel_sample.sample if other == "triton" else row_backends.get("cpp").sample)(z, 7, **kw)
+    a = gumbel_sample.sample(z, 7, **kw)
     b = gumbel_torch.sample(z, 7, **kw)
     assert (a == b).float().mean() > 0.99  # ties in fp32 noise are the only way to differ
+
+
+@pytest.fixture(scope="module")
+def cpp_sample():
+    """The C++ sampler itself (never the torch fallback)."""
+    from fastft import extensions
+
+    assert extensions.load("gumbel_sample") is not None, "csrc/gumbel_sample.cpp did not build"
+    return row_backends.get("cpp").sample
+
+
+def test_cpp_sampler_is_a_pure_function_of_seed_row_and_k(cpp_sample):
+    """The same draws whatever the chunking, the number of threads or K; another seed or
+    another row draws others."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(40, 1001, generator=g) * 2
+    kw = dict(softcap=5.0, temperature=0.8)
+    a = cpp_sample(z, 7, seed=2**40 + 17, row_offset=3, **kw)
+    assert a.shape == (40, 7) and a.dtype == torch.int64 and ((a >= 0) & (a < 1001)).all()
+    assert torch.equal(a, cpp_sample(z, 7, seed=2**40 + 17, row_offset=3, **kw))
+    parts = [cpp_sample(z[i:j], 7, seed=2**40 + 17, row_offset=3 + i, **kw)
+             for i, j in ((0, 13), (13, 14), (14, 40))]
+    assert torch.equal(torch.cat(parts), a)
+    assert torch.equal(cpp_sample(z, 4, seed=2**40 + 17, row_offset=3, **kw), a[:, :4])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpp_sample(z, 7, seed=2**40 + 17, row_offset=3, **kw), a)
+    finally:
+        torch.set_num_threads(threads)
+    assert (cpp_sample(z, 7, seed=2**40 + 18, row_offset=3, **kw) != a).float().mean() > 0.5
+    assert (cpp_sample(z, 7, seed=2**40 + 17, row_offset=4, **kw)[:-1] != a[1:]).float().mean() \
+        > 0.5
+    assert (a[:, 0] != a[:, 1]).float().mean() > 0.5
+
+
+def test_cpp_sampler_over_a_large_vocabulary(cpp_sample):
+    """Mass in a few entries spread over the blocks of a row of 33001 (the last block
+    partial): chi-square over them, and nothing drawn elsewhere."""
+    V, rows, k = 33001, 64, 50
+    hot = torch.tensor([0, 127, 128, 16000, 32999, 33000])
+    z = torch.full((rows, V), -40.0)
+    z[:, hot] = torch.tensor([0.5, 1.0, -0.5, 0.0, 1.5, 0.2])
+    s = cpp_sample(z, k, seed=5, row_offset=0, softcap=0.0, temperature=0.9)
+    assert torch.isin(s, hot).all()
+    pos = torch.searchsorted(hot, s)
+    assert chi_square(pos, torch.softmax(z[0, hot].double() / 0.9, 0)) < 20.52  # p = .001, 5 dof
 
 
 def test_gradient_accumulation_with_given_samples(backend, device):
@@ -120,7 +174,9 @@ def test_all_rows_masked(backend, device):
     assert out.item() == 0 and not gh.any() and not gw.any()
 
 
-def test_cpp_backend_is_the_default_on_cpu_and_draws_the_same_samples(monkeypatch):
+def test_cpp_backend_is_the_default_on_cpu_and_its_samples_give_the_torch_loss(monkeypatch):
+    """The cpp backend draws its own stream (the same for the same seed); with those samples
+    given, the torch backend computes the same loss."""
     h, w, y = head_inputs(20, 8, 150, ignore_every=4)
     monkeypatch.delenv("FASTFT_BACKEND", raising=False)
     from fastft import backends
@@ -129,8 +185,8 @@ def test_cpp_backend_is_the_default_on_cpu_and_draws_the_same_samples(monkeypatc
     assert backends.choose(linear_otr.INFO, torch.device("cpu")) == "cpp"
     with torch.no_grad():
         a, sa = fastft.losses.otr(h, w, y, k=5, seed=9, return_samples=True)
+        again, s_again = fastft.losses.otr(h, w, y, k=5, seed=9, return_samples=True)
         monkeypatch.setenv("FASTFT_BACKEND", "torch")
-        b, sb = fastft.losses.otr(h, w, y, k=5, seed=9, return_samples=True)
-    assert (sa == sb).float().mean() > 0.99
-    if torch.equal(sa, sb):
-        assert_close(a, b, 1e-6)
+        b = fastft.losses.otr(h, w, y, k=5, samples=sa)
+    assert torch.equal(sa, s_again) and torch.equal(a, again)
+    assert_close(a, b, 1e-6)

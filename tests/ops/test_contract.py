@@ -20,7 +20,7 @@ def test_every_op_is_registered_with_known_backends():
 
 def test_default_choice_by_device(monkeypatch):
     monkeypatch.delenv("FASTFT_BACKEND", raising=False)
-    assert backends.choose(ce_op.INFO, torch.device("cpu")) == "torch"
+    assert backends.choose(ce_op.INFO, torch.device("cpu")) == "cpp"
     assert backends.choose(ce_op.INFO, torch.device("cuda")) == "triton"
 
 
@@ -28,13 +28,14 @@ def test_requested_backend_falls_back_along_the_chain(monkeypatch):
     monkeypatch.setenv("FASTFT_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     b, note = backends.explain(ce_op.INFO, torch.device("cpu"))
-    assert b == "torch"
-    assert "TRITON_INTERPRET=1" in note and "cpp" in note
+    assert b == "cpp"
+    assert "TRITON_INTERPRET=1" in note and "cuda:" in note
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backends.choose(ce_op.INFO, torch.device("cpu")) == "triton"
     monkeypatch.setenv("FASTFT_BACKEND", "cuda")
     b, note = backends.explain(ce_op.INFO, torch.device("cpu"))
-    assert b == "torch" and "cuda:" in note
+    assert b == "cpp" and "cuda:" in note
+    assert backends.choose(ce_op.INFO, torch.device("cuda")) == "torch"
     monkeypatch.setenv("FASTFT_BACKEND", "reference")
     assert backends.choose(ce_op.INFO, torch.device("cuda")) == "reference"
 
