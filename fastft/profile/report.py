@@ -65,10 +65,11 @@ def from_trace(tr, *, model: str, method: str, dev, dtype: str, batch_size: int,
         else:
             bwd += n
     saved = sum(tr.activations_by_module.values())
-    # bytes the step moves at least: the optimizer reads/writes weights, grads, state; the
-    # saved activations are written, read back, and their gradients written
+    # bytes the step moves at least: the optimizer reads and writes its state and the trained
+    # weights and reads the gradients (weights counted at the gradients' size); the saved
+    # activations are written, read back, and their gradients written
     st = tr.static
-    moved = 2 * st["optimizer"] + 2 * st["gradients"] + 2 * st["gradients"] + 3 * saved
+    moved = 2 * st["optimizer"] + 4 * st["gradients"] + 3 * saved
     seconds = dev.step_seconds(fwd + bwd, moved)
     return Profile(
         model=model, method=method, device=dev.name, dtype=dtype, batch_size=batch_size,

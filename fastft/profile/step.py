@@ -135,7 +135,6 @@ class StepTrace:
         self.weights_by_module: dict[str, dict[str, int]] = {}
         self.flops = None  # the FlopRecorder of the measured step
         self.flops_total = 0
-        self.flops_per_module: dict[str, int] = {}
         self.params = 0
         self.trainable = 0
 
