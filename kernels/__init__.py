@@ -7,10 +7,28 @@ check-kernels`` compiles ahead of time for sm_90 and sm_80.
 """
 
 import os
+import sys
 
-# Triton 3.9 warns when this is unset; keep its current default (fusion on).
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+if __name__ == "kernels":
+    # Imported by the top-level name: a checkout's root is on sys.path (``python -m ...`` or
+    # ``python -c`` run there) and this folder hides the library named ``kernels`` that
+    # transformers imports. Hand that library over instead, so a checkout works like an install.
+    from importlib.machinery import PathFinder
+    from importlib.util import module_from_spec
 
-KERNEL_FILES = (
-    "loss_rows", "gumbel_sample", "lora_matmul", "sparse_adam", "hadamard", "fake_quant",
-)
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = PathFinder.find_spec(__name__, [p for p in sys.path
+                                            if os.path.abspath(p or ".") != _root])
+    if _spec is None:
+        raise ImportError("no module named 'kernels' outside the fastft checkout (fastft's "
+                          "Triton kernels are imported as fastft.kernels)")
+    _real = module_from_spec(_spec)
+    sys.modules[__name__] = _real
+    _spec.loader.exec_module(_real)
+else:
+    # Triton 3.9 warns when this is unset; keep its current default (fusion on).
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+    KERNEL_FILES = (
+        "loss_rows", "gumbel_sample", "lora_matmul", "sparse_adam", "hadamard", "fake_quant",
+    )
