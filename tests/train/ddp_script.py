@@ -17,7 +17,8 @@ from tests.train.helpers import tiny_setup
 # small settings for the sparse methods on a hidden-32 model (their defaults need wider layers)
 METHODS = {"lift": lambda: fastft.LIFT(lora_rank=2, filter_rank=4),
            "hft": lambda: fastft.HFT(seed=1),
-           "ltsft": lambda: fastft.LTSFT(proportion=0.05)}
+           "ltsft": lambda: fastft.LTSFT(proportion=0.05),
+           "green": lambda: fastft.GreenTrainer(rho=0.5, interval=1)}  # re-selects at epoch 1
 
 if __name__ == "__main__":
     data, out, method, fsdp, batch = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1", \

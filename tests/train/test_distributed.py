@@ -46,7 +46,7 @@ def relative_difference(a: dict, b: dict) -> float:
 
 # 8 rows, global batch 4, 4 steps: two epochs (HFT re-draws its half at the second)
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "lora-sb", "full", "lift", "hft", "ltsft"])
+@pytest.mark.parametrize("method", ["lora", "lora-sb", "full", "lift", "hft", "ltsft", "green"])
 def test_ddp_two_processes_equal_one(tmp_path, method):
     data = write_data(tmp_path, n=8)
     launch(1, data, tmp_path / "one", method, False, 4)

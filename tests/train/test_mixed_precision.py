@@ -14,7 +14,8 @@ from .helpers import read_metrics, tiny_setup, write_data
 
 METHODS = {"lora": lambda: fastft.LoRA(r=4, alpha=8), "lora-sb": lambda: fastft.LoRASB(r=4),
            "full": fastft.Full, "lift": lambda: fastft.LIFT(lora_rank=2, filter_rank=4),
-           "hft": fastft.HFT, "ltsft": lambda: fastft.LTSFT(proportion=0.05)}
+           "hft": fastft.HFT, "ltsft": lambda: fastft.LTSFT(proportion=0.05),
+           "green": lambda: fastft.GreenTrainer(rho=0.5, interval=1)}
 
 
 def run(tmp_path, method, bf16, name):
@@ -108,7 +109,7 @@ def test_adapter_dtype_on_a_bf16_model(choice, expect):
                                         if p.requires_grad)
 
 
-@pytest.mark.parametrize("method", ["full", "lift", "hft", "ltsft"])
+@pytest.mark.parametrize("method", ["full", "lift", "hft", "ltsft", "green"])
 def test_other_methods_on_bf16_weights_under_autocast(method):
     model = fastft.prepare(tiny("llama", dtype=torch.bfloat16).train(), METHODS[method]())
     ids, labels = batch()
