@@ -1,17 +1,19 @@
 #!/usr/bin/env python
 """GreenTrainer on the demo task: held-out exact match and measured training FLOPs.
 
-    python benches/green_demo.py [--out DIR] [--steps N] [--base-steps M]
+    python benches/green_demo.py [--out DIR] [--steps N] [--base-steps M] [--base-rows R]
 
 Full fine-tuning, then GreenTrainer (base full, interval 2 epochs) at rho 0.7, 0.5 and
 0.3, each from the same initial model and data order with the demo's SFT recipe.
 Training FLOPs are measured per step: torch's FlopCounterMode (with fastft's formulas)
 counts one real forward + backward on the run's first batch under each selection the
 run made, times the optimizer steps it trained, plus two full forward + backward passes
-per importance probe. With ``--base-steps M``, every run fine-tunes the same model
-first trained with full SFT for M steps (GreenTrainer is a fine-tuning method: from
-random initialisation it never selects the embeddings, whose cost is the whole
-backward pass). Writes green.json and green.md under --out.
+per importance probe. Every run fine-tunes the same base on the 9000 training problems:
+the model first trained with full SFT for M steps on the first R of them (by default the
+demo's SFT stage: 800 steps on 600 problems, about half the held-out problems right).
+GreenTrainer is a fine-tuning method: from random initialisation (``--base-steps 0``) it
+never selects the embeddings, whose cost is the whole backward pass. Writes green.json
+and green.md under --out.
 """
 
 import argparse
@@ -46,15 +48,18 @@ def step_flops(model, batch: dict, selected) -> int:
 def main(argv):
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench-results/green")
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--base-steps", type=int, default=0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--base-steps", type=int, default=800, help="0: every run from random weights")
+    p.add_argument("--base-rows", type=int, default=600)
+    p.add_argument("--interval", type=int, default=2, help="epochs between selections")
     args = p.parse_args(argv)
     t = ex.task(args.out)
     base = None
     if args.base_steps:
-        base, _ = ex.sft(t, "base", max_steps=args.base_steps, method="full")
-        print(f"{'base':<16} {ex.accuracy(t, base):6.1%}  ({args.base_steps} full SFT steps)",
-              flush=True)
+        few = ex.task(t.out / "base", n_train=args.base_rows)  # the first R of t's problems
+        base, _ = ex.sft(few, "base", max_steps=args.base_steps, method="full")
+        print(f"{'base':<16} {ex.accuracy(t, base):6.1%}  ({args.base_steps} full SFT steps "
+              f"on {args.base_rows} problems)", flush=True)
     rows, full = [], None
     tok = t.tok
     recs = data.read_records(str(t.train_path), "data", skip_invalid=False)[:64]
@@ -62,7 +67,8 @@ def main(argv):
                                     completion_only=True, skip_invalid=False)
     batch = data.collate(rows_tok, tok.pad_token_id)
     for name, extra in [("full", dict(method="full")),
-                        *[(f"green rho={r}", dict(method="green", rho=r, green_interval=2))
+                        *[(f"green rho={r}", dict(method="green", rho=r,
+                                                         green_interval=args.interval))
                           for r in (0.7, 0.5, 0.3)]]:
         start = fastft.unpatch(copy.deepcopy(base)) if base is not None else None
         model, summary = ex.sft(t, name.replace(" ", "_").replace("=", ""), model=start,

@@ -4,7 +4,7 @@ from . import losses, optim, quantize
 from .adapters import load_adapter, save_adapter
 from .errors import FastftError
 from .merging import lines
-from .methods import HFT, GreenTrainer, LIFT, LTSFT, Full, LoRA, LoRASB, RoSTE, compose
+from .methods import HFT, LIFT, LTSFT, Full, GreenTrainer, LoRA, LoRASB, RoSTE, compose
 from .patch import disable_adapters, merge, prepare, unmerge, unpatch
 from .soups import greedy_soup, uniform_soup
 from .train import TrainConfig, Trainer

@@ -1,8 +1,9 @@
 """torchrun with 2 CPU processes (gloo) gives the loss and weights of 1 process, same global batch.
 
 Every method: LoRA, LoRA-SB and full fine-tuning run under DDP; the sparse methods
-(LIFT, HFT, LT-SFT) average their gradients themselves, after the last micro-batch
-(their optimizer takes gradients in hooks that run before DDP's all-reduce would).
+(LIFT, HFT, LT-SFT) and GreenTrainer (whose selection changes which tensors need a
+gradient) average their gradients themselves, after the last micro-batch (the sparse
+optimizers take gradients in hooks that run before DDP's all-reduce would).
 The ranks must end bit-identical.
 """
 
