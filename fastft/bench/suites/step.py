@@ -31,14 +31,16 @@ ops and providers (the same model, adapter values and data in every provider):
   ``_grpo_step`` calls it after sampling, then its clip and optimizer; ``trl``: TRL's
   ``GRPOTrainer._compute_loss`` (its fused head: log-probs and entropy) on the PEFT model
   (see _trl.py), torch AdamW (fused).
-- ``grpo_step``: ``fastft`` only: a whole Trainer GRPO step: sampling with ``generate``
-  (dynamic KV cache), rewards, the update.
+- ``grpo_step``: a whole fastft Trainer GRPO step: sampling with ``generate``, rewards,
+  the update; ``fastft`` samples with a dynamic KV cache, ``fastft+static_cache`` (CUDA)
+  with ``generation_cache="static"`` (a static cache and transformers' compiled decode
+  step, the Trainer's default on CUDA).
 
 Rows carry ``tokens`` (what a step trains on: batch x sequence; GRPO: prompt and
 completion tokens), ``tokens_per_s`` and ``first_loss``, the loss of the first step: the
 providers of a case compute the same quantity, so their first losses agree. Ratios divide
 by ``BASELINE``: transformers+peft for LoRA, transformers for full fine-tuning, TRL for the
-GRPO update.
+GRPO update, the dynamic-cache step for the static-cache one.
 """
 
 from __future__ import annotations
@@ -66,12 +68,13 @@ from ._llama import (
     tokenizer,
 )
 
-BASELINE = {"lora_sft": "transformers+peft", "full_sft": "transformers", "grpo_update": "trl"}
+BASELINE = {"lora_sft": "transformers+peft", "full_sft": "transformers", "grpo_update": "trl",
+            "grpo_step": "fastft"}
 PROVIDERS = {
     "lora_sft": ("fastft", "transformers+peft", "transformers+peft+liger", "trl_sft"),
     "full_sft": ("fastft", "transformers", "transformers+liger"),
     "grpo_update": ("fastft", "trl"),
-    "grpo_step": ("fastft",),
+    "grpo_step": ("fastft", "fastft+static_cache"),
 }
 LR, CLIP = 2e-4, 1.0
 
@@ -128,7 +131,7 @@ def _trainer(model, tok, data, tmp, *, grpo: bool, lora: bool, **cfg):
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     if grpo and "generation_cache" in fields:
-        cfg["generation_cache"] = "dynamic"  # no torch.compile of the decode step
+        cfg.setdefault("generation_cache", "dynamic")  # default: no compiled decode step
     config = TrainConfig(objective="grpo" if grpo else "sft", method="lora" if lora else "full",
                          lora_r=R, lora_alpha=ALPHA, lr=LR, max_grad_norm=CLIP,
                          warmup_ratio=0.0, schedule="constant", max_steps=10**6,
@@ -272,14 +275,14 @@ def _trl_grpo_update(shape, work, dtype, device):
     return _timed(step)
 
 
-def _fastft_grpo_step(shape, work, dtype, device):
+def _fastft_grpo_step(shape, work, dtype, device, cache="dynamic"):
     model = fastft_prepare(llama(shape, dtype, device), lora=True)
     _, _, prompts = fixed_rollout(shape["vocab"], **work, device="cpu")
     tmp = tempfile.TemporaryDirectory(prefix="fastft-bench-")
     t = _trainer(model, tokenizer(shape["vocab"]), prompts, tmp, grpo=True, lora=True,
                  prompts_per_step=work["prompts"], num_generations=work["generations"],
                  batch_size=work["prompts"] * work["generations"],
-                 max_completion_length=work["completion_len"])
+                 max_completion_length=work["completion_len"], generation_cache=cache)
 
     def step():
         metrics, n_tok = t._grpo_step()
@@ -302,10 +305,13 @@ def _build(op: str, provider: str, params: dict, dtype: str, device: str):
     if op == "grpo_update":
         return (_fastft_grpo_update if provider == "fastft" else _trl_grpo_update)(
             shape, work, dtype, device)
-    return _fastft_grpo_step(shape, work, dtype, device)
+    return _fastft_grpo_step(shape, work, dtype, device,
+                             "static" if provider.endswith("static_cache") else "dynamic")
 
 
 def _available(op: str, provider: str, device: str) -> str | None:
+    if provider.endswith("static_cache") and needs_cuda(device):
+        return f"{needs_cuda(device)} (the static cache is compiled for CUDA)"
     if provider == "fastft" and device == "cpu" and torch.cuda.is_available():
         return "fastft.Trainer trains on the GPU where one is present: use --device cuda"
     need = []
