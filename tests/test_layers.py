@@ -41,3 +41,27 @@ def test_no_import_of_a_higher_layer(path, forbidden):
                  if any(n == f or n.startswith(f if f.endswith(".") else f + ".")
                         for f in forbidden))
     assert not bad, f"{path.relative_to(PKG.parent)} imports {bad}"
+
+
+def test_a_checkout_does_not_hide_the_library_named_kernels():
+    """Run from the repository root (``python -c``, ``python -m``), the top-level name
+    ``kernels`` is the library transformers imports, not fastft's Triton folder."""
+    import os
+    import subprocess
+    import sys
+
+    root = PKG.parent
+    code = ("import importlib.util, kernels, fastft.kernels, transformers.modeling_utils; "
+            "print(kernels.__file__); print(fastft.kernels.__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([sys.executable, "-c", "import importlib.util as u; "
+                            "print(u.find_spec('kernels') is not None)"], cwd="/", env=env,
+                           capture_output=True, text=True)
+    if probe.stdout.strip() != "True":
+        pytest.skip("no library named kernels is installed")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lib, ours = out.stdout.split()
+    assert not Path(lib).resolve().is_relative_to(root / "kernels")
+    assert Path(ours).resolve() == (root / "kernels" / "__init__.py").resolve()

@@ -44,13 +44,13 @@ def markdown(summary: dict) -> str:
     """The README's table of a demo run (benches/readme_tables.py puts it there)."""
     steps = {s["name"]: s["steps"] for s in summary["stages"]}
     acc = {s["name"]: s["accuracy"] for s in summary["stages"]}
+    sft = f"after SFT ({steps['sft']} steps on {summary['sft_problems']} worked solutions)"
+    grpo = (f"after GRPO ({steps['grpo']} steps on {summary['grpo_problems']} answer-only "
+            "problems)")
     return ("| stage | held-out exact match (300 unseen problems) |\n|---|---|\n"
             f"| before training | {summary['baseline_accuracy']:.1%} |\n"
-            f"| after SFT ({steps['sft']} steps on {summary['sft_problems']} worked solutions) | "
-            f"{acc['sft']:.1%} |\n"
-            f"| after GRPO ({steps['grpo']} steps on {summary['grpo_problems']} answer-only "
-            "problems) | "
-            f"{acc['grpo']:.1%} |\n"
+            f"| {sft} | {acc['sft']:.1%} |\n"
+            f"| {grpo} | {acc['grpo']:.1%} |\n"
             f"| wall time, 2 CPU cores | {summary['wall_seconds']:.0f} s |\n")
 
 
