@@ -61,8 +61,8 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def _labels(items: list[dict]) -> dict[tuple, str]:
-    """{case: tick label}: the op, the params that vary among that op's cases, the plain
-    provider."""
+    """{case: tick label}: the op, the params that vary among that op's cases (one per
+    line), the plain provider."""
     by_op: dict[str, list[dict]] = {}
     for it in items:
         by_op.setdefault(it["op"], []).append(it["params"])
@@ -70,7 +70,7 @@ def _labels(items: list[dict]) -> dict[tuple, str]:
     for it in items:
         seen = by_op[it["op"]]
         vary = [k for k in it["params"] if len({json.dumps(p.get(k)) for p in seen}) > 1]
-        extra = ", ".join(f"{k}={it['params'][k]}" for k in vary)
+        extra = "\n".join(f"{k}={it['params'][k]}" for k in vary)  # one line each: narrow
         out[it["case"]] = "\n".join(x for x in (it["op"], extra, f"vs {it['baseline']}") if x)
     return out
 

@@ -33,12 +33,13 @@ LOSSES = ("cross_entropy", "dft", "asft", "otr", "grpo")
 PEERS = {"cross_entropy": ("liger", "trl"), "dft": ("liger",), "grpo": ("liger", "trl")}
 
 
-def _shape(device: str, quick: bool):
+def _shapes(device: str, quick: bool):
     if device == "cuda":
-        return dict(T=8192, H=4096, V=128256), "bf16"
+        return [dict(T=8192, H=4096, V=128256)], "bf16"
     if quick:
-        return dict(T=512, H=128, V=8192), "fp32"
-    return dict(T=4096, H=512, V=32768), "fp32"
+        return [dict(T=512, H=128, V=8192)], "fp32"
+    # a long sequence at a 32k vocabulary, and a Llama-2-style vocabulary at half the tokens
+    return [dict(T=4096, H=512, V=32768), dict(T=2048, H=512, V=32000)], "fp32"
 
 
 def _grpo_inputs(h, w, y, S=512):
@@ -133,9 +134,9 @@ def _build(loss: str, provider: str, T, H, V, dtype, device, train_head):
 
 
 def cases(device: str, quick: bool = False) -> list[Case]:
-    shape, dtype = _shape(device, quick)
+    shapes, dtype = _shapes(device, quick)
     out = []
-    for loss in LOSSES:
+    for shape, loss in ((shape, loss) for shape in shapes for loss in LOSSES):
         # the head trained and frozen (LoRA, most RL): every loss on the CPU; on CUDA, where
         # the GPU check's time is short, the two losses most runs use
         heads = ("train", "frozen") if device == "cpu" or loss in ("cross_entropy", "grpo") \
