@@ -60,8 +60,8 @@ def run_demo(output: str | None = None, *, quick: bool = False, seed: int = 0) -
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(output or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-demo")
     out.mkdir(parents=True, exist_ok=True)
-    n_sft, n_grpo, n_eval = (SFT_PROBLEMS, 500, 100) if quick else (SFT_PROBLEMS, GRPO_PROBLEMS,
-                                                                       300)
+    n_sft = SFT_PROBLEMS
+    n_grpo, n_eval = (500, 100) if quick else (GRPO_PROBLEMS, 300)
     held_out = ar.problems(n_eval, seed=seed + 1)
     train = ar.problems(n_sft + n_grpo, seed=seed + 2, exclude=set(held_out))
     data = out / "data"
