@@ -20,11 +20,16 @@ if __name__ == "kernels":
     _spec = PathFinder.find_spec(__name__, [p for p in sys.path
                                             if os.path.abspath(p or ".") != _root])
     if _spec is None:
-        raise ImportError("no module named 'kernels' outside the fastft checkout (fastft's "
-                          "Triton kernels are imported as fastft.kernels)")
-    _real = module_from_spec(_spec)
-    sys.modules[__name__] = _real
-    _spec.loader.exec_module(_real)
+        # That library is not installed. Stay an empty module that reads like a stray folder
+        # of that name (no __file__, no version, no submodules), so that probes such as
+        # transformers' is_kernels_available() answer "not installed" instead of failing,
+        # and ``from kernels import x`` raises ImportError as it would without this folder.
+        __file__ = None
+        __path__ = []
+    else:
+        _real = module_from_spec(_spec)
+        sys.modules[__name__] = _real
+        _spec.loader.exec_module(_real)
 else:
     # Triton 3.9 warns when this is unset; keep its current default (fusion on).
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")

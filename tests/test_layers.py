@@ -65,3 +65,29 @@ def test_a_checkout_does_not_hide_the_library_named_kernels():
     lib, ours = out.stdout.split()
     assert not Path(lib).resolve().is_relative_to(root / "kernels")
     assert Path(ours).resolve() == (root / "kernels" / "__init__.py").resolve()
+
+
+def test_a_checkout_without_the_library_named_kernels_reads_as_not_installed():
+    """Where no library named ``kernels`` is installed, importing that name from the root
+    gives an empty module (no file, no version), as transformers' probe expects of a stray
+    folder, and ``from kernels import ...`` fails with ImportError instead of reaching
+    fastft's Triton kernels."""
+    import subprocess
+    import sys
+
+    code = "\n".join([
+        "import importlib, importlib.util",
+        "assert importlib.util.find_spec('kernels') is not None",  # this folder is found
+        "k = importlib.import_module('kernels')",
+        "assert getattr(k, '__file__', None) is None and not hasattr(k, '__version__')",
+        "assert not hasattr(k, 'KERNEL_FILES')",
+        "try:",
+        "    from kernels import get_kernel",
+        "except ImportError:",
+        "    print('ImportError')",
+    ])
+    # -S: no site-packages, so no installed library of that name can be found
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=PKG.parent,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ImportError"]
