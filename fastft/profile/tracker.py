@@ -253,3 +253,45 @@ def _register_cpu_attention() -> None:
 
 
 _register_cpu_attention()
+
+
+def _kv_heads_as_query_heads(args: tuple, first: int) -> tuple:
+    """``args`` with the key and value of grouped-query attention (fewer heads than the
+    query, [b, h, s, d]) replaced by the shapes they have once broadcast to the query's heads:
+    what the kernel computes, and what torch's sdpa formulas before 2.13 require."""
+    q, k, v = args[first:first + 3]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v)):
+        return args
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == hq or hkv == 0 or hq % hkv:
+        return args
+    k, v = (torch.Size((t.shape[0], hq, *t.shape[2:])) for t in (k, v))
+    return (*args[:first], q, k, v, *args[first + 3:])
+
+
+def _count_grouped_query_attention() -> None:
+    """Wrap the FLOP formulas of the sdpa ops (forward: query at 0; backward: at 1) so that
+    a model with fewer key/value heads than query heads (Llama 3, Mistral, Qwen) is counted
+    on every torch: torch 2.11's formulas reject those shapes and stop the whole count."""
+    aten = torch.ops.aten
+    for name, first in [("_scaled_dot_product_flash_attention", 0),
+                        ("_scaled_dot_product_efficient_attention", 0),
+                        ("_scaled_dot_product_cudnn_attention", 0),
+                        ("_scaled_dot_product_flash_attention_for_cpu", 0),
+                        ("_scaled_dot_product_flash_attention_backward", 1),
+                        ("_scaled_dot_product_efficient_attention_backward", 1),
+                        ("_scaled_dot_product_cudnn_attention_backward", 1),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", 1)]:
+        op = getattr(aten, name, None)
+        original = flop_registry.get(op) if op is not None else None
+        if original is None or getattr(original, "_fastft_gqa", False):
+            continue
+
+        def formula(*args, _original=original, _first=first, **kwargs):
+            return _original(*_kv_heads_as_query_heads(args, _first), **kwargs)
+
+        formula._fastft_gqa = True
+        flop_registry[op] = formula
+
+
+_count_grouped_query_attention()

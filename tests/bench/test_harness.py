@@ -3,6 +3,7 @@
 import importlib.util
 import json
 
+import pytest
 import torch
 
 from fastft.bench import Case, harness, markdown, run_suite
@@ -53,3 +54,43 @@ def test_markdown_ratios():
             dict(base, provider="fastft", median_ms=2.0, peak_bytes=100)]
     table = markdown(rows)
     assert "| 0.50x | 0.250x |" in table
+
+
+def test_a_flop_formula_that_rejects_an_op_leaves_the_row_timed_without_flops(monkeypatch):
+    """torch 2.11's attention formula rejects grouped-query shapes and its addmm formula
+    TRL's in-place call: the case is still timed and measured, its FLOPs left empty."""
+    import torch.utils.flop_counter as fcm
+
+    def rejecting(*args, **kwargs):
+        raise AssertionError("sdpa_flop_count: query/key/value shapes are incompatible")
+
+    monkeypatch.setitem(fcm.flop_registry, torch.ops.aten.mm, rejecting)
+    calls = []
+
+    def build():
+        a = torch.randn(32, 32)
+        return lambda: calls.append(a @ a)
+
+    row = harness.measure(Case("mm", "torch", {"n": 32}, "fp32", build), "cpu",
+                          min_seconds=0.0, max_reps=3)
+    assert row["flops"] is None and row["tflops"] is None and row["median_ms"] > 0
+    assert len(calls) == 1 + 1 + 3  # the uncounted warm-up, the peak run, three timed runs
+    assert "| - | - |" in markdown([row])
+
+
+def test_a_case_that_fails_still_fails_when_its_flops_cannot_be_counted(monkeypatch):
+    import torch.utils.flop_counter as fcm
+
+    def rejecting(*args, **kwargs):
+        raise AssertionError("no formula")
+
+    monkeypatch.setitem(fcm.flop_registry, torch.ops.aten.mm, rejecting)
+
+    def build():
+        def fn():
+            torch.ones(2, 2) @ torch.ones(2, 2)
+            raise ValueError("the case itself is broken")
+        return fn
+
+    with pytest.raises(ValueError, match="itself is broken"):
+        harness.measure(Case("mm", "torch", {}, "fp32", build), "cpu", min_seconds=0.0)

@@ -95,3 +95,25 @@ def test_fit_finds_the_largest_batch(tmp_path):
     above = fastft.profile.profile(small_config(), "lora", batch_size=b + 1, seq_len=64,
                                    device="cpu")
     assert above.peak_bytes > budget
+
+
+def test_grouped_query_attention_counts_as_its_heads_broadcast():
+    """Fewer key/value heads than query heads (Llama 3): counted as the kernel computes it,
+    with K and V broadcast to the query's heads. torch 2.11's own formulas reject these
+    shapes, and a count that raises stops the whole step's FLOPs."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    from fastft.profile import tracker
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 16, 32, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 16, 32, generator=g, requires_grad=True) for _ in range(2))
+    args = tracker._kv_heads_as_query_heads((q, k, v, 0.0, True), 0)
+    assert args[0] is q and args[1] == args[2] == torch.Size((2, 8, 16, 32)) and args[3:] == (0.0, True)
+    assert tracker._kv_heads_as_query_heads((q, q, q), 0)[1] is q  # equal heads: unchanged
+    with FlopCounterMode(display=False) as fc:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    fwd = sdpa_flop_count((2, 8, 16, 32), (2, 8, 16, 32), (2, 8, 16, 32))
+    assert fwd == 2 * (2 * 8 * 16 * 16 * 32) * 2
+    assert fc.get_total_flops() == fwd + 2.5 * fwd  # backward: 5 products of the forward's 2
