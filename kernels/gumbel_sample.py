@@ -34,7 +34,9 @@ def _update(best_v, best_i, kr, k: tl.constexpr, val, offs):
     return tl.where(take, m, best_v), tl.where(take, a.to(tl.int64), best_i)
 
 
-@triton.jit
+# seed and row_offset change every call: specialising on their values (== 1, divisible by 16)
+# would compile new variants in the middle of training (about 2 s each on an H200)
+@triton.jit(do_not_specialize=["seed", "row_offset"])
 def gumbel_sample_kernel(
     z_ptr, stride_z, V, out_ptr, row_offset, seed,
     softcap, inv_temp,
