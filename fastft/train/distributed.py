@@ -45,6 +45,12 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
     def barrier(self) -> None:
         if self.on:
             dist.barrier()

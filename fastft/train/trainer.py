@@ -278,7 +278,7 @@ class Trainer:
         if hasattr(self.method, "reselect"):  # GreenTrainer: which tensors train this epoch
             self.method.reselect(self.model, self.optimizer, self.state["epoch"],
                                  lambda: self._backward(micro, n_items),
-                                 lambda: self._green_costs(micro[0]["input_ids"].shape),
+                                 lambda: self._green_costs(self._global_shape(micro[0])),
                                  reduce=lambda t: d.all_sum(t) / d.world)
         total = torch.zeros((), device=self.device)
         for m, batch in enumerate(micro):
@@ -305,6 +305,16 @@ class Trainer:
                 loss.backward()
         if self.dist.on:
             distributed.average_(self._grad_tensors(), self.dist)
+
+    def _global_shape(self, batch: dict) -> tuple[int, int]:
+        """(rows, columns) of ``batch`` over every process: rows summed, the longest padded
+        length, so that every rank (and a single process on the same global batch) measures
+        the same costs and selects the same tensors."""
+        d = self.dist
+        rows, cols = batch["input_ids"].shape
+        rows = d.all_sum(torch.tensor(rows, device=self.device))
+        cols = d.all_max(torch.tensor(cols, device=self.device))
+        return int(rows), int(cols)
 
     def _green_costs(self, shape):
         """GreenTrainer's per-tensor backward FLOPs for batches of ``shape``, measured by

@@ -78,3 +78,25 @@ def test_fsdp2_two_processes_equal_one(tmp_path):
     w1 = load_file(str(tmp_path / "one" / "checkpoint-4" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "checkpoint-4" / "model.safetensors"))
     assert relative_difference(w1, w2) < 1e-5
+
+
+@pytest.mark.slow
+def test_green_selects_alike_on_every_rank_when_their_batches_differ_in_length(tmp_path):
+    """GreenTrainer measures its tensors' costs on the step's batch shape. Rows of eight
+    different lengths give the two ranks first batches of different padded lengths; the
+    ranks must still select the same tensors (else the gradient all-reduce fails, or
+    averages different tensors) and equal the single process on the same global batch."""
+    import json
+
+    data = write_data(tmp_path, n=8)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["completion"] += " " + "7" * (4 * i)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    launch(1, data, tmp_path / "one", "green", False, 4)
+    launch(2, data, tmp_path / "two", "green", False, 2)
+    w1 = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "rank0.safetensors"))
+    w2b = load_file(str(tmp_path / "two" / "rank1.safetensors"))
+    assert all(bool((w2[k] == w2b[k]).all()) for k in w2), "the ranks drifted apart"
+    assert relative_difference(w1, w2) < 1e-5
