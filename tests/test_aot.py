@@ -63,7 +63,7 @@ def test_cli_reruns_itself_without_the_interpreter(monkeypatch):
     monkeypatch.setattr(aot.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
     from fastft.cli import main
 
-    assert os.environ.get("TRITON_INTERPRET") == "1"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["check-kernels", "--arch", "sm_90"]) == 0
     (cmd, env), = calls
     assert "TRITON_INTERPRET" not in env and cmd[-2:] == ["--arch", "sm_90"]

@@ -308,7 +308,7 @@ def test_full_checkpoint_is_a_transformers_model_folder(model_dir, sft_data, tmp
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert loaded.config.use_cache
     ids = tok(["12+34=64 46", "7+8=15 51"], return_tensors="pt", padding=True)["input_ids"]
-    model.eval()
+    model.cpu().eval()  # the Trainer moved it to CUDA where there is one
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert not torch.equal(loaded.model.embed_tokens.weight, tiny_setup()[0].model.embed_tokens

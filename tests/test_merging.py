@@ -128,7 +128,8 @@ def test_heldout_score_is_minus_the_models_own_loss(models, tmp_path):
     batch = data.collate(rows, tok.pad_token_id)
     with torch.no_grad():
         loss = AutoModelForCausalLM.from_pretrained(models[0])(**batch).loss
-    assert score == pytest.approx(-float(loss), rel=1e-5)
+    # on CUDA the score comes from the GPU (another summation order than this CPU loss)
+    assert score == pytest.approx(-float(loss), rel=1e-4 if torch.cuda.is_available() else 1e-5)
 
 
 def test_greedy_soup_from_the_command_line(models, tmp_path, capsys):

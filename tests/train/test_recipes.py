@@ -61,6 +61,8 @@ def test_key_token_weights_formula():
 
 def weighted_loss_by_hand(model, batch):
     """sum(w CE) / sum(w) over the predicted tokens, on the model's own logits."""
+    dev = next(model.parameters()).device
+    batch = {k: v.to(dev) for k, v in batch.items()}
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits.float()

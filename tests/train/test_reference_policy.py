@@ -28,11 +28,12 @@ def test_asft_reference_logits_are_the_initial_models(tmp_path, monkeypatch, met
 
     monkeypatch.setattr(loss_model.CausalLMLoss, "forward", spy)
     cfg = TrainConfig(method=method, loss="asft", batch_size=4, max_steps=3, lr=1e-2,
-                      warmup_ratio=0.0, progress=False, max_length=16,
+                      warmup_ratio=0.0, progress=False, max_length=16, bf16="false",
                       output_dir=str(tmp_path / "run"))
     trainer = Trainer(model, tok, str(write_data(tmp_path, n=12)), cfg)
     trainer.train()
     head = output_head(model).weight
+    initial.to(head.device)  # the Trainer moved the model to CUDA where there is one
     assert not torch.equal(head, output_head(initial).weight) or method != "full"
     batch, kw = seen[-1]  # the third step's: the model has moved twice
     w_ref = kw.get("ref_weight", head)

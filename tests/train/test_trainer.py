@@ -16,7 +16,8 @@ BASE = dict(batch_size=16, max_steps=8, lr=3e-3, warmup_ratio=0.0, schedule="con
 def eval_loss(model, tok, path):
     rows, _ = data.tokenize_sft(data.read_records(path), tok, max_length=16, truncation=True,
                                 completion_only=True, skip_invalid=False)
-    b = data.collate(rows, tok.pad_token_id)
+    dev = next(model.parameters()).device  # the Trainer moves the model to CUDA where there is one
+    b = {k: v.to(dev) for k, v in data.collate(rows, tok.pad_token_id).items()}
     was = model.training
     model.eval()
     with torch.no_grad():
@@ -68,8 +69,9 @@ def test_resume_equals_the_uninterrupted_run(tmp_path, method, loss):
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     def run(out, batch, accum):
         model, tok = tiny_setup()
+        # fp32 on CUDA too (bf16 "auto" would autocast there): the sums must agree to 1e-5
         cfg = TrainConfig(**dict(BASE, max_steps=3, batch_size=batch, grad_accum=accum),
-                          method="full", output_dir=str(out))
+                          method="full", bf16="false", output_dir=str(out))
         Trainer(model, tok, str(write_data(tmp_path)), cfg).train()
         return read_metrics(out), model
 
