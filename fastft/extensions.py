@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -67,6 +68,33 @@ def _cpu_model() -> str:
     return ""
 
 
+# A build takes about 30 s; a lock file older than this was left by a build that was killed.
+STALE_LOCK_S = 300.0
+
+
+def clear_stale_lock(folder: Path, patience: float = STALE_LOCK_S) -> None:
+    """Wait for the build lock in ``folder`` to go, and remove it once it is older than
+    ``patience`` seconds. torch takes that lock for a build and waits on it without end: a
+    build cut short (Ctrl-C, a job's time limit) left one behind, and every later run hung."""
+    lock = folder / "lock"
+    told = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > patience:
+            lock.unlink(missing_ok=True)
+            warnings.warn(f"fastft: removed the lock {lock} left by a build that did not "
+                          "finish; building again", stacklevel=3)
+            return
+        if not told:
+            print(f"fastft: waiting for another build in {folder} (its lock is removed once "
+                  f"{patience:.0f} s old)", file=sys.stderr, flush=True)
+            told = True
+        time.sleep(min(1.0, patience / 4))
+
+
 def build(name: str, sources: list[Path], *, flags: tuple[str, ...] = CPP_FLAGS,
           verbose: bool = False):
     """Build (or load from the cache) the C++ extension ``name`` from ``sources``."""
@@ -83,6 +111,7 @@ def build(name: str, sources: list[Path], *, flags: tuple[str, ...] = CPP_FLAGS,
     headers = sorted({h for s in sources for h in s.parent.glob("*.h")})
     out = cache_dir() / f"{name}-{_key(sources + headers, flags)}"
     out.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(out)
     if not any(out.glob("*.so")):  # the wait is visible: one line, once per build
         shown = ", ".join(s.name for s in sources)
         print(f"fastft: building {shown} (first use, ~30 s; cached in {out})", file=sys.stderr,

@@ -114,3 +114,39 @@ def test_ptxas_report_flags_spills_and_shared_memory():
     a, b = extensions.parse_ptxas(text, "sm_80", "x.cu")
     assert (a["registers"], a["spill_bytes"], a["ok"]) == (255, 32, False)
     assert (b["shared_bytes"], b["ok"]) == (200000, False)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_instead_of_waited_on_forever(tmp_path):
+    """torch's build lock outlives a build cut short (Ctrl-C, a time limit), and torch then
+    waits on it without end: fastft removes it once it is older than a build takes."""
+    import os
+    import time
+
+    from fastft import extensions
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    old = time.time() - 2 * extensions.STALE_LOCK_S
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="did not finish"):
+        extensions.clear_stale_lock(tmp_path)
+    assert not lock.exists()
+
+    lock.write_text("")  # fresh: another build may hold it; waited on, then removed
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match="did not finish"):
+        extensions.clear_stale_lock(tmp_path, patience=0.3)
+    assert not lock.exists() and 0.25 <= time.monotonic() - t0 < 5.0
+    extensions.clear_stale_lock(tmp_path)  # no lock: returns at once
+
+
+def test_a_lock_that_goes_away_is_not_touched(tmp_path):
+    import threading
+
+    from fastft import extensions
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    threading.Timer(0.3, lock.unlink).start()  # the other build finishes
+    extensions.clear_stale_lock(tmp_path, patience=30.0)
+    assert not lock.exists()
