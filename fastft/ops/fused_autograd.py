@@ -12,12 +12,31 @@ from __future__ import annotations
 
 import torch
 
+# rows of a half-precision gradient scaled per block: the fp32 temporary stays near 64 MiB
+SCALE_BLOCK_ELEMENTS = 1 << 24
+
+
+def scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t * g`` (``g`` a one-element fp32 tensor) as ``dtype``, the product formed in fp32 and
+    rounded once. In half precision ``g`` itself would be rounded first: GradScaler's starting
+    scale 2**16 is inf in fp16 (every gradient inf or NaN), and 0.1 is 0.10010 in bf16."""
+    if t.dtype == torch.float32:
+        return (t * g).to(dtype)
+    t = t.contiguous()
+    out = torch.empty_like(t, dtype=dtype)
+    flat, dst = t.view(t.shape[0], -1), out.view(t.shape[0], -1)
+    rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, flat.shape[1]))
+    for i in range(0, flat.shape[0], rows):
+        dst[i:i + rows].copy_(flat[i:i + rows].float() * g)
+    return out
+
 
 def register(op, *, row_weights: int, need_hidden: int, need_weight: int) -> None:
     """Register the autograd of ``op``; the arguments give input positions."""
 
     def setup_context(ctx, inputs, output):
         ctx.in_forward = bool(inputs[need_hidden] or inputs[need_weight])
+        ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)  # hidden's and the head's
         ctx.set_materialize_grads(False)
         if ctx.in_forward:
             ctx.save_for_backward(output[1], output[2])
@@ -39,8 +58,8 @@ def register(op, *, row_weights: int, need_hidden: int, need_weight: int) -> Non
             g = g_rows.reshape(-1)[:1].to(torch.float32)
             if g.numel() == 0:
                 g = torch.zeros(1, device=g_rows.device)
-            grad_h = gh * g.to(gh.dtype) if need_h and gh.numel() else None
-            grad_w = gw * g.to(gw.dtype) if need_w and gw.numel() else None
+            grad_h = scaled(gh, g, ctx.dtypes[0]) if need_h and gh.numel() else None
+            grad_w = scaled(gw, g, ctx.dtypes[1]) if need_w and gw.numel() else None
             return (grad_h, grad_w) + (None,) * (n - 2)
         args = [None] * ctx.n_inputs
         for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):
@@ -52,6 +71,7 @@ def register(op, *, row_weights: int, need_hidden: int, need_weight: int) -> Non
         args[row_weights] = (g if rw is None else g * rw.float()).contiguous()
         args[need_hidden], args[need_weight] = bool(need_h), bool(need_w)
         out = op(*args)
-        return (out[1] if need_h else None, out[2] if need_w else None) + (None,) * (n - 2)
+        return (out[1].to(ctx.dtypes[0]) if need_h else None,
+                out[2].to(ctx.dtypes[1]) if need_w else None) + (None,) * (n - 2)
 
     op.register_autograd(backward, setup_context=setup_context)

@@ -63,6 +63,8 @@ class Head:
     def grad_hidden(self, dz: torch.Tensor, out: torch.Tensor) -> None:
         if out.dtype == dz.dtype:
             torch.mm(dz, self.w, out=out)
+        elif out.dtype == torch.float32:  # fp32 out of half operands, no half rounding between
+            out.copy_(gemm.mm_f32(dz, self.w))
         else:
             out.copy_(dz @ self.w)
 
@@ -76,6 +78,14 @@ def row_scale(labels: torch.Tensor, ignore_index: int, normalizer: torch.Tensor,
     mask = labels != ignore_index
     scale = mask.float() / normalizer.float()
     return mask, scale if row_weights is None else scale * row_weights.float()
+
+
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops hand a gradient to their backward in: fp32 for fp16 inputs. The ops
+    form it for an upstream gradient of one; in fp16 its small entries would fall among the
+    subnormals (DFT's grad_hidden, at a loss scale of 2**16, came back 27% off) before the
+    backward multiplies by the loss scale and rounds once."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def op_outputs(hidden: torch.Tensor, row_loss, grad_h, grad_w) -> tuple:
@@ -98,14 +108,16 @@ def fake_outputs(hidden: torch.Tensor, weight: torch.Tensor, need_grad_hidden: b
     if weight.dtype != torch.float32:
         cuda += rows * V * weight.element_size()  # dz in the head's dtype beside the logits
         cpu += V * H * 4  # the CPU upcasts the head once per call
-        if need_grad_weight:  # the fp32 accumulator of grad_W, cast at the end
-            cuda += V * H * 4
-            cpu += V * H * 4
+        if need_grad_weight and grad_dtype(weight.dtype) != torch.float32:
+            cuda += V * H * 4  # the fp32 accumulator of grad_W, cast at the end (fp16: it
+            cpu += V * H * 4  # is the output itself)
     work = {"cuda": cuda, "cpu": cpu}
     backends.workspace(work)
     return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
-            torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_grad_weight else hidden.new_empty(0))
+            torch.empty_like(hidden, dtype=grad_dtype(hidden.dtype)) if need_grad_hidden
+            else hidden.new_empty(0),
+            torch.empty_like(weight, dtype=grad_dtype(weight.dtype)) if need_grad_weight
+            else hidden.new_empty(0))
 
 
 @dataclass
@@ -141,7 +153,8 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
         ref_hidden = ref[0].contiguous()
         ref_head = head if ref[1] is weight else Head(ref[1])
     row_loss = torch.empty(T, device=hidden.device, dtype=torch.float32)
-    grad_h = torch.empty_like(hidden) if need_grad_hidden else None
+    grad_h = torch.empty_like(hidden, dtype=grad_dtype(hidden.dtype)) \
+        if need_grad_hidden else None
     acc_w = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if need_grad_weight \
         else None
     need_dz = need_grad_hidden or need_grad_weight
@@ -194,5 +207,5 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
         del z, dz, ref_c
     grad_w = None
     if need_grad_weight:
-        grad_w = acc_w if weight.dtype == torch.float32 else acc_w.to(weight.dtype)
+        grad_w = acc_w if grad_dtype(weight.dtype) == torch.float32 else acc_w.to(weight.dtype)
     return row_loss, grad_h, grad_w

@@ -1,0 +1,51 @@
+"""The fused losses under a loss scale: GradScaler multiplies the loss by 2**16 (and grows it),
+and the fused ops form their gradients in the forward for an upstream gradient of one. The
+scale must reach them without being rounded to half precision (2**16 is inf in fp16), and a
+gradient formed for an upstream of one must keep its small entries until it is scaled (in
+fp16 they are subnormals). The expected gradients come from the reference on float32 copies
+of the inputs, scaled there and rounded once."""
+
+import pytest
+import torch
+
+import fastft
+from fastft.reference import losses as ref
+
+from ..helpers import head_inputs
+
+pytestmark = pytest.mark.interpreter
+
+LOSSES = {
+    "ce": (fastft.losses.cross_entropy, ref.cross_entropy, {}),
+    "dft": (fastft.losses.dft, ref.dft, {}),
+    "otr": (lambda h, w, y, **kw: fastft.losses.otr(h, w, y, k=3, **kw),
+            lambda h, w, y, **kw: ref.otr(h, w, y, **kw), "samples"),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("dtype,scale,tol", [
+    (torch.float16, 2.0**16, 2e-3),  # GradScaler's starting scale: inf once rounded to fp16
+    (torch.float16, 2.0**18, 2e-3),  # grown
+    (torch.bfloat16, 0.1, 1e-2),  # not a power of two
+])
+def test_gradients_under_a_loss_scale_match_the_float32_reference(backend, device, loss, dtype,
+                                                                   scale, tol):
+    fn, ref_fn, extra = LOSSES[loss]
+    h, w, y = head_inputs(61, 32, 5003, dtype, ignore_every=5, seed=3, device=device)
+    kw = {}
+    if extra == "samples":
+        kw["samples"] = torch.randint(0, 5003, (61, 3), generator=torch.Generator()
+                                      .manual_seed(4)).to(device)
+    gh, gw = torch.autograd.grad(fn(h, w, y, **kw) * scale, (h, w))
+    h32, w32 = (t.detach().float().requires_grad_() for t in (h, w))
+    eh, ew = torch.autograd.grad(ref_fn(h32, w32, y, **kw) * scale, (h32, w32))
+    assert gh.dtype == h.dtype and gw.dtype == w.dtype
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    assert rel_err(gh, eh.to(dtype)) < tol, (loss, dtype, scale)
+    assert rel_err(gw, ew.to(dtype)) < tol, (loss, dtype, scale)
