@@ -157,7 +157,7 @@ class FlopRecorder(FlopCounterMode):
         if self.memory is not None:  # the memory tracker files allocations by module too
             self.memory.modules = self.mod_tracker
         self._backward_module = ""
-        self._made_by: dict[int, str] = {}
+        self._made_by: dict[int, tuple[str, weakref.ref]] = {}
         self._hook = torch.nn.modules.module.register_module_forward_hook(self._on_forward)
         return out
 
@@ -177,14 +177,21 @@ class FlopRecorder(FlopCounterMode):
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         for t in tree_leaves(args):
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                back = self._made_by.get(id(t), parent)
+                back = self._maker(t) or parent
                 t.register_hook(lambda g, back=back: self._enter(back))
         for t in tree_leaves(output):
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                if self._made_by.get(id(t), "").startswith(name + "."):
+                if (self._maker(t) or "").startswith(name + "."):
                     continue  # a child's output passed through: its backward is the child's
-                self._made_by[id(t)] = name
+                self._made_by[id(t)] = (name, weakref.ref(t))
                 t.register_hook(lambda g, name=name: self._enter(name))
+
+    def _maker(self, t: torch.Tensor) -> str | None:
+        """The module whose output ``t`` is, if any. Keyed by id, checked by a weak reference:
+        a freed output's id is reused by later tensors, which then took its module (the
+        backward's FLOPs went to the wrong tensors, now and then)."""
+        made = self._made_by.get(id(t))
+        return made[0] if made is not None and made[1]() is t else None
 
     def _enter(self, name: str) -> None:
         self._backward_module = name

@@ -117,3 +117,30 @@ def test_grouped_query_attention_counts_as_its_heads_broadcast():
     fwd = sdpa_flop_count((2, 8, 16, 32), (2, 8, 16, 32), (2, 8, 16, 32))
     assert fwd == 2 * (2 * 8 * 16 * 16 * 32) * 2
     assert fc.get_total_flops() == fwd + 2.5 * fwd  # backward: 5 products of the forward's 2
+
+
+def test_a_freed_output_does_not_lend_its_module_to_the_tensor_that_reuses_its_id():
+    """The FLOP recorder remembers which module made each output, by id. An output freed
+    during the forward gives its id to a later tensor: that tensor must not be taken for the
+    freed one's (its backward FLOPs would be charged to the wrong module, and GreenTrainer's
+    selection changed from run to run)."""
+    import weakref
+
+    from fastft.profile.tracker import FlopRecorder
+
+    rec = FlopRecorder.__new__(FlopRecorder)
+    rec._made_by = {}
+    live = torch.empty(3)
+    rec._made_by[id(live)] = ("model.layers.1.mlp", weakref.ref(live))
+    assert rec._maker(live) == "model.layers.1.mlp"
+    t = torch.empty(3)
+    rec._made_by[id(t)] = ("model.layers.0.mlp", weakref.ref(t))
+    freed = id(t)
+    del t
+    for _ in range(1000):
+        u = torch.empty(3)
+        if id(u) == freed:
+            break
+    else:
+        pytest.skip("no tensor reused the freed id")
+    assert rec._maker(u) is None
