@@ -20,9 +20,9 @@ def scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     """``t * g`` (``g`` a one-element fp32 tensor) as ``dtype``, the product formed in fp32 and
     rounded once. In half precision ``g`` itself would be rounded first: GradScaler's starting
     scale 2**16 is inf in fp16 (every gradient inf or NaN), and 0.1 is 0.10010 in bf16."""
-    if t.dtype == torch.float32:
-        return (t * g).to(dtype)
-    t = t.contiguous()
+    if t.dtype == dtype == torch.float32:
+        return t * g
+    t = t.contiguous()  # blocks: an fp16 head's fp32 gradient (2 GiB at V=128256) gets no copy
     out = torch.empty_like(t, dtype=dtype)
     flat, dst = t.view(t.shape[0], -1), out.view(t.shape[0], -1)
     rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, flat.shape[1]))
