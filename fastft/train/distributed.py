@@ -40,15 +40,16 @@ class Dist:
         return self.world > 1
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.on:
-            t = t.clone()
-            dist.all_reduce(t)
-        return t
+        return self._all_reduce(t, "SUM")
 
     def all_max(self, t: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(t, "MAX")
+
+    def _all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """``t`` reduced over the processes into a copy (``t`` itself where there is one)."""
         if self.on:
             t = t.clone()
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t
 
     def barrier(self) -> None:
