@@ -49,3 +49,27 @@ def test_gradients_under_a_loss_scale_match_the_float32_reference(backend, devic
     assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
     assert rel_err(gh, eh.to(dtype)) < tol, (loss, dtype, scale)
     assert rel_err(gw, ew.to(dtype)) < tol, (loss, dtype, scale)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_under_fp16_autocast_with_an_fp32_head_and_gradscalers_scale(backend, device, loss):
+    """transformers' fp16=True: fp32 master weights, fp16 autocast (which casts the head to
+    fp16 for the loss, as nn.Linear would) and GradScaler's 2**16 on the loss. CUDA's
+    autocast on its CPU stand-in."""
+    fn, ref_fn, extra = LOSSES[loss]
+    h, w, y = head_inputs(61, 32, 5003, torch.float16, ignore_every=5, seed=6, device=device)
+    w = w.detach().float().requires_grad_()
+    kw = {}
+    if extra == "samples":
+        kw["samples"] = torch.randint(0, 5003, (61, 3), generator=torch.Generator()
+                                      .manual_seed(7)).to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.float16):
+        out = fn(h, w, y, **kw)
+    gh, gw = torch.autograd.grad(out * 2.0**16, (h, w))
+    h32 = h.detach().float().requires_grad_()
+    w32 = w.detach().half().float().requires_grad_()  # the head autocast multiplies by
+    eh, ew = torch.autograd.grad(ref_fn(h32, w32, y, **kw) * 2.0**16, (h32, w32))
+    assert gh.dtype == torch.float16 and gw.dtype == torch.float32
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    assert rel_err(gh, eh.half()) < 2e-3, loss
+    assert rel_err(gw, ew.half()) < 2e-3, loss  # the cast's backward: fp16, then fp32
