@@ -60,15 +60,23 @@ class Head:
             return torch.mm(h_c.to(self.w.dtype), self.w.t(), out=out)
         return h_c.to(self.w.dtype) @ self.w.t()
 
-    def grad_hidden(self, dz: torch.Tensor, out: torch.Tensor) -> None:
-        if out.dtype == dz.dtype:
+    def grad_hidden(self, dz: torch.Tensor, out: torch.Tensor,
+                    dz_scale: torch.Tensor | None = None) -> None:
+        """out = dz W, each row times ``dz_scale`` (in fp32) when given."""
+        if dz_scale is not None:
+            out.copy_(gemm.mm_f32(dz, self.w).mul_(dz_scale[:, None]))
+        elif out.dtype == dz.dtype:
             torch.mm(dz, self.w, out=out)
         elif out.dtype == torch.float32:  # fp32 out of half operands, no half rounding between
             out.copy_(gemm.mm_f32(dz, self.w))
         else:
             out.copy_(dz @ self.w)
 
-    def accumulate_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor):
+    def accumulate_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor,
+                               dz_scale: torch.Tensor | None = None):
+        """acc += dz^T h_c; a row scale of dz moves onto h_c's rows."""
+        if dz_scale is not None:
+            h_c = (h_c.float() * dz_scale[:, None]).to(h_c.dtype)
         gemm.addmm_f32_(acc, dz.t(), h_c)
 
 
@@ -120,6 +128,9 @@ def fake_outputs(hidden: torch.Tensor, weight: torch.Tensor, need_grad_hidden: b
             else hidden.new_empty(0))
 
 
+HALF_RANGE_DTYPES = (torch.float16,)  # a dz in these has its digits only near 1
+
+
 @dataclass
 class RowCoeffs:
     """A loss's per-row result for one chunk: loss and gradient coefficients."""
@@ -130,10 +141,26 @@ class RowCoeffs:
     w: torch.Tensor  # [C, J] coefficients of the gathered entries (subtracted)
     lam: torch.Tensor | None = None  # [C] weight of KL(p_ref || p) (with a reference head)
 
+    def normalised(self) -> tuple["RowCoeffs", torch.Tensor]:
+        """(coefficients of dz / s, s): s per row bounds the row's |dz| (p and p_ref are at
+        most 1, the softcap's slope too), so dz / s lies in [-1, 1] with its large entries
+        near 1. fp16's normal range starts at 6e-5: DFT's dz (p_y times CE's), written as
+        it is, falls below it and loses its digits; written over s it keeps them, and the
+        GEMMs multiply s back in fp32. Masked rows (s = 0) and non-finite rows keep s = 1."""
+        bound = self.c.abs() + self.u.abs() + self.w.abs().sum(1)
+        if self.lam is not None:
+            bound = bound + self.lam.abs()
+        s = torch.where(torch.isfinite(bound) & (bound > 0), bound, torch.ones_like(bound))
+        inv = 1.0 / s
+        lam = None if self.lam is None else self.lam * inv
+        return RowCoeffs(loss=self.loss, c=self.c * inv, u=self.u * inv,
+                         w=self.w * inv[:, None], lam=lam), s
+
 
 def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softcap: float,
         temperature: float, need_grad_hidden: bool, need_grad_weight: bool,
-        want_sum: bool = False, want_entropy: bool = False, ref=None):
+        want_sum: bool = False, want_entropy: bool = False, ref=None,
+        row_scale: torch.Tensor | None = None):
     """Run the chunk loop. Returns (row_loss [T], grad_hidden or None, grad_weight or None).
 
     ``rows``: the backend's row-kernel module (``row_stats``, ``row_grad``).
@@ -143,6 +170,10 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
     ``coeffs(start, end, stats, idx_c)`` turns the chunk's stats into a :class:`RowCoeffs`.
     ``ref``: None, or (ref_hidden [T, H], ref_weight [V, H]) whose softmax p_ref
     enters as lam * KL(p_ref || p) (no gradient reaches the reference).
+    ``row_scale``: the op's per-row weights [T] (1 / normaliser and the row weights); with an
+    fp16 dz (:meth:`RowCoeffs.normalised`) grad_W is accumulated in units of their largest, so
+    that neither of its fp16 operands carries a factor like 1 / 2**18 (HF's num_items_in_batch
+    over a gradient-accumulation step) into fp16's subnormals.
     """
     hidden = hidden.contiguous()
     T, H = hidden.shape
@@ -161,6 +192,12 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
     cpu = hidden.device.type == "cpu"
     step = chunk_rows(T, V, H, cpu=cpu)
     dz_buf = None
+    unit = None  # grad_W's unit with an fp16 dz (a device scalar: no host sync)
+    if need_grad_weight and head.grad_dtype in HALF_RANGE_DTYPES:
+        unit = torch.ones((), device=hidden.device)
+        if row_scale is not None and row_scale.numel():
+            r = row_scale.detach().float().abs().amax()
+            unit = torch.where(torch.isfinite(r) & (r > 0), r, unit)
     # On the CPU each head's logits go to one buffer reused chunk after chunk: a fresh chunk
     # would be fresh pages, which the kernel faults in and zeroes (~15% of the chunk's GEMM).
     bufs: dict[str, torch.Tensor] = {}
@@ -188,24 +225,30 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
                 if dz_buf is None:
                     dz_buf = torch.empty(step, V, device=z.device, dtype=head.grad_dtype)
                 dz = dz_buf[: end - start]
+        g, dz_scale = co, None  # the coefficients dz is written with
+        if dz is not None and dz.dtype in HALF_RANGE_DTYPES:
+            g, dz_scale = co.normalised()
         ref_c = None
         if ref is not None:
             z_ref = logits("ref", ref_head, ref_hidden[start:end])
             lse_ref = rows.row_stats(z_ref, idx_c, softcap=softcap,
                                      temperature=temperature, want_sum=False,
                                      want_entropy=False)[0]
-            ref_c = (z_ref, lse_ref, co.lam)
+            ref_c = (z_ref, lse_ref, g.lam)
         kl = None
         if dz is not None or ref is not None:
-            kl = rows.row_grad(z, stats[0], co.c, co.u, idx_c, co.w, dz, softcap=softcap,
+            kl = rows.row_grad(z, stats[0], g.c, g.u, idx_c, g.w, dz, softcap=softcap,
                                temperature=temperature, ref=ref_c)
         row_loss[start:end] = co.loss if kl is None else co.loss + co.lam * kl
         if need_grad_hidden:
-            head.grad_hidden(dz, grad_h[start:end])
+            head.grad_hidden(dz, grad_h[start:end], dz_scale)
         if need_grad_weight:
-            head.accumulate_grad_weight(acc_w, dz, h_c)
+            head.accumulate_grad_weight(acc_w, dz, h_c,
+                                        None if dz_scale is None else dz_scale / unit)
         del z, dz, ref_c
     grad_w = None
     if need_grad_weight:
+        if unit is not None:
+            acc_w.mul_(unit)
         grad_w = acc_w if grad_dtype(weight.dtype) == torch.float32 else acc_w.to(weight.dtype)
     return row_loss, grad_h, grad_w

@@ -82,7 +82,7 @@ def linear_cross_entropy(
         hidden, weight, idx=torch.where(mask, labels, -1).unsqueeze(1), coeffs=coeffs,
         rows=row_backends.get(backend), softcap=softcap, temperature=temperature,
         want_sum=label_smoothing > 0, ref=ref, need_grad_hidden=need_grad_hidden,
-        need_grad_weight=need_grad_weight)
+        need_grad_weight=need_grad_weight, row_scale=scale)
     return fused_linear.op_outputs(hidden, rows, gh, gw)
 
 

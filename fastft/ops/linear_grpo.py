@@ -137,7 +137,7 @@ def linear_grpo(
     rows, gh, gw = fused_linear.run(
         hidden, weight, idx=tokens.unsqueeze(1), coeffs=coeffs, rows=rows_be, softcap=softcap,
         temperature=temperature, want_entropy=want_entropy, need_grad_hidden=need_grad_hidden,
-        need_grad_weight=need_grad_weight)
+        need_grad_weight=need_grad_weight, row_scale=rw)
     return (*fused_linear.op_outputs(hidden, rows, gh, gw), metrics)
 
 

@@ -77,7 +77,7 @@ def linear_otr(
     rows, gh, gw = fused_linear.run(
         hidden, weight, idx=idx, coeffs=coeffs, rows=rows_be, softcap=softcap,
         temperature=temperature, need_grad_hidden=need_grad_hidden,
-        need_grad_weight=need_grad_weight)
+        need_grad_weight=need_grad_weight, row_scale=scale)
     return (*fused_linear.op_outputs(hidden, rows, gh, gw),
             drawn.clone() if samples is not None else drawn)
 
