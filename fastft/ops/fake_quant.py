@@ -36,17 +36,30 @@ WEIGHT_INFO = backends.register(backends.OpInfo(
 ))
 
 
+def ieee_div(x: Tensor, d: float) -> Tensor:
+    """x / d correctly rounded on every device. CUDA divides a tensor by a Python number as
+    x * (1 / d), an ulp off the division the kernels do (div_rn, IEEE '/'): a scale off by an
+    ulp made the export reject weights the Triton quantizer had produced."""
+    return x / x.new_full((), d)
+
+
+def row_qparams(x: Tensor, bits: int, symmetric: bool, clip_ratio: float):
+    """(s, z) of each row of a fp32 [R, C] tensor, each [R, 1] (z = 0 when symmetric)."""
+    if symmetric:
+        s = ieee_div(clip_ratio * x.abs().amax(1, keepdim=True), 2 ** (bits - 1) - 1)
+        s = s.clamp(min=1e-8)
+        return s, torch.zeros_like(s)
+    mx, mn = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
+    s = ieee_div(clip_ratio * (mx - mn), 2**bits - 1).clamp(min=1e-8)
+    return s, torch.round(-clip_ratio * mn / s)
+
+
 def quantize_rows(x: Tensor, bits: int, symmetric: bool, clip_ratio: float) -> Tensor:
     """q(x) of each row of a fp32 [R, C] tensor (the torch path)."""
+    s, z = row_qparams(x, bits, symmetric, clip_ratio)
     if symmetric:
-        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-        s = (clip_ratio * x.abs().amax(1, keepdim=True) / qmax).clamp(min=1e-8)
-        return torch.clamp(torch.round(x / s), qmin, qmax) * s
-    qmax = 2**bits - 1
-    mx, mn = x.amax(1, keepdim=True), x.amin(1, keepdim=True)
-    s = (clip_ratio * (mx - mn) / qmax).clamp(min=1e-8)
-    z = torch.round(-clip_ratio * mn / s)
-    return (torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s
+        return torch.clamp(torch.round(x / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s
+    return (torch.clamp(torch.round(x / s) + z, 0, 2**bits - 1) - z) * s
 
 
 def _act_forward(x2d: Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool,

@@ -15,18 +15,14 @@ from __future__ import annotations
 import torch
 
 from ..errors import FastftError
+from ..ops.fake_quant import row_qparams
 
 
 def qparams(w: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float):
-    """(scale, zero) per row of a fp32 [out, in] weight, each [out, 1] fp32."""
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        s = (clip_ratio * w.abs().amax(1, keepdim=True) / qmax).clamp(min=1e-8)
-        return s, torch.full_like(s, float(2 ** (bits - 1)))
-    qmax = 2**bits - 1
-    mx, mn = w.amax(1, keepdim=True), w.amin(1, keepdim=True)
-    s = (clip_ratio * (mx - mn) / qmax).clamp(min=1e-8)
-    return s, torch.round(-clip_ratio * mn / s)
+    """(scale, zero) per row of a fp32 [out, in] weight, each [out, 1] fp32; symmetric codes
+    are stored shifted, so their zero is 2^(b-1)."""
+    s, z = row_qparams(w, bits, symmetric, clip_ratio)
+    return (s, torch.full_like(s, float(2 ** (bits - 1)))) if symmetric else (s, z)
 
 
 def codes(w: torch.Tensor, wq: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,

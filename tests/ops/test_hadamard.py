@@ -111,6 +111,24 @@ def test_fake_quant_equals_the_formula_and_passes_gradients_straight(bits, symme
         assert torch.equal(torch.autograd.grad(q, w, g[:6, :32])[0], g[:6, :32])
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_torch_quantizer_scale_is_the_correctly_rounded_division(device, symmetric):
+    """s = c range / (2^b - 1) divided as the kernels divide (IEEE, correctly rounded: the
+    float64 quotient rounded to fp32 is). CUDA divides a tensor by a Python number as
+    x * (1 / d), an ulp off for some rows, and the export then rejected the Triton
+    quantizer's weights (on an H200); on the CPU the division was already exact."""
+    from fastft.ops.fake_quant import row_qparams
+    from fastft.quantize.packing import codes
+
+    w = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0)).to(device)
+    for bits in (3, 4, 8):
+        s, _ = row_qparams(w, bits, symmetric, 0.9)
+        num = 0.9 * (w.abs().amax(1) if symmetric else w.amax(1) - w.amin(1))
+        den = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+        assert torch.equal(s.flatten(), (num.double() / den).float().clamp(min=1e-8))
+        codes(w, fake_quant_weight(w, bits, symmetric, 0.9, None), bits, symmetric, 0.9)
+
+
 def test_rotated_fake_quant_is_quant_of_the_transform_with_the_transposed_gradient():
     x = torch.randn(4, 96, requires_grad=True)
     y = fake_quant_act(x, 4, False, 1.0, rotate=True)
