@@ -43,9 +43,10 @@ def main(argv):
         B, S, dtype = 2, 1024, torch.bfloat16
         methods = {"full": fastft.Full, "lora": lambda: fastft.LoRA(r=16)}
 
-        def model_for():
+        def model_for():  # initialised on the GPU: seconds faster than on the CPU
             torch.manual_seed(0)
-            return transformers.LlamaForCausalLM(cfg).to("cuda", dtype).train()
+            with torch.device("cuda"):
+                return transformers.LlamaForCausalLM(cfg).to(dtype).train()
     else:
         tok = ar.tokenizer()
         B, S, dtype, methods = 64, 32, torch.float32, METHODS
