@@ -68,19 +68,20 @@ step build 90 bash -c prebuild
 # a build cut short leaves its lock file behind, and the next build of it would wait forever
 find "${FASTFT_CACHE_DIR:-$HOME/.cache/fastft}" -name lock -delete 2>/dev/null
 step info 20 "$PY" -m fastft.cli info
+# the profiler against max_memory_allocated first: short, and a cut-short run still has it
+step profile 60 "$PY" benches/profile_check.py --device cuda --out "$OUT/profile"
 step tests 150 env FASTFT_TEST_DEVICE=cuda "$PY" -m pytest -q "${XDIST[@]}" -m "not slow" tests \
   --junitxml="$OUT/tests.xml"
 step bench 135 "$PY" -m fastft.cli bench --suite "${GPU_CHECK_SUITES:-losses,lora,quant,sparse}" --device cuda \
   --out "$OUT/bench"
 step bench-step 90 "$PY" -m fastft.cli bench --suite step --device cuda --out "$OUT/bench"
-step profile 60 "$PY" benches/profile_check.py --device cuda --out "$OUT/profile"
 step targets 10 "$PY" benches/gpu_targets.py "$OUT/bench/results.json" "$OUT/targets.json"
 [ "${GPU_CHECK_AOT:-1}" = 0 ] || step check-kernels 60 "$PY" -m fastft.cli check-kernels --arch sm_90,sm_80
 
 {
   echo "{"
   first=1
-  for k in build info tests bench bench-step profile targets check-kernels; do
+  for k in build info profile tests bench bench-step targets check-kernels; do
     [ $first -eq 1 ] || echo ","
     first=0
     printf '  "%s": {"exit": %s, "seconds": %s}' "$k" "${RC[$k]:-null}" "${SECS[$k]:-null}"
