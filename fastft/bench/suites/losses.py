@@ -15,10 +15,16 @@ TRL's trainers reach it): cross-entropy as SFTTrainer forms it, the sum of
 also asks the head for entropy and top-1 flags, which the ``step`` suite measures),
 and GRPO as GRPOTrainer's ``_compute_loss`` forms it (log-probs and entropy from
 the head, then its clipped loss and KL in PyTorch).
+
+On CUDA with the head trained, ``fastft-1024rows`` is fastft with FASTFT_LOSS_CHUNK=1024:
+each chunk's grad_W GEMM reads and writes the whole fp32 accumulator, and larger chunks
+make fewer passes over it for more chunk memory (the default keeps a chunk near the size
+of the hidden states).
 """
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import torch
@@ -31,6 +37,8 @@ from ._common import backward_and_clear, head_inputs, needs_cuda, peer
 
 LOSSES = ("cross_entropy", "dft", "asft", "otr", "grpo")
 PEERS = {"cross_entropy": ("liger", "trl"), "dft": ("liger",), "grpo": ("liger", "trl")}
+# CUDA, head trained: fastft with 1024-row chunks beside the default
+BIG_CHUNKS = "fastft-1024rows"
 
 
 def _shapes(device: str, quick: bool):
@@ -95,7 +103,24 @@ def _trl_grpo(hidden, w, tokens, mask, adv, old, ref_lp, *, beta):
     return lambda: backward_and_clear(compute(dict(inputs)), hidden, model.lm_head.weight)
 
 
+def _with_chunk(run, rows: int):
+    """``run`` with FASTFT_LOSS_CHUNK=rows."""
+    def timed():
+        before = os.environ.get("FASTFT_LOSS_CHUNK")
+        os.environ["FASTFT_LOSS_CHUNK"] = str(rows)
+        try:
+            run()
+        finally:
+            if before is None:
+                del os.environ["FASTFT_LOSS_CHUNK"]
+            else:
+                os.environ["FASTFT_LOSS_CHUNK"] = before
+    return timed
+
+
 def _build(loss: str, provider: str, T, H, V, dtype, device, train_head):
+    if provider == BIG_CHUNKS:
+        return _with_chunk(_build(loss, "fastft", T, H, V, dtype, device, train_head), 1024)
     h, w, y = head_inputs(T, H, V, dtype, device, train_head=train_head)
     ref_h = (h.detach() + 0.1 * torch.randn_like(h)) if loss == "asft" else None
     if loss == "grpo":
@@ -143,7 +168,9 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             else ("train",)
         for head in heads:
             params = dict(shape, head=head)
-            for provider in ("fastft", "reference", *PEERS.get(loss, ())):
+            extra = (BIG_CHUNKS,) if device == "cuda" and head == "train" \
+                and loss in ("cross_entropy", "grpo") else ()
+            for provider in ("fastft", *extra, "reference", *PEERS.get(loss, ())):
                 avail = {"liger": lambda: needs_cuda(device) or peer("liger_kernel"),
                          "trl": lambda: peer("trl")}.get(provider, lambda: None)
                 out.append(Case(
