@@ -160,7 +160,7 @@ def _build(loss: str, provider: str, T, H, V, dtype, device, train_head):
 
 def cases(device: str, quick: bool = False) -> list[Case]:
     shapes, dtype = _shapes(device, quick)
-    out = []
+    out, last = [], []
     for shape, loss in ((shape, loss) for shape in shapes for loss in LOSSES):
         # the head trained and frozen (LoRA, most RL): every loss on the CPU; on CUDA, where
         # the GPU check's time is short, the two losses most runs use
@@ -168,15 +168,18 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             else ("train",)
         for head in heads:
             params = dict(shape, head=head)
-            extra = (BIG_CHUNKS,) if device == "cuda" and head == "train" \
-                and loss in ("cross_entropy", "grpo") else ()
-            for provider in ("fastft", *extra, "reference", *PEERS.get(loss, ())):
+            for provider in ("fastft", "reference", *PEERS.get(loss, ())):
                 avail = {"liger": lambda: needs_cuda(device) or peer("liger_kernel"),
                          "trl": lambda: peer("trl")}.get(provider, lambda: None)
-                out.append(Case(
-                    op=loss, provider=provider, params=params, dtype=dtype,
-                    build=partial(_build, loss, provider, shape["T"], shape["H"], shape["V"],
-                                  dtype, device, head == "train"),
-                    available=avail))
-    return out
+                out.append(_case(loss, provider, params, dtype, device, avail))
+            if device == "cuda" and head == "train" and loss in ("cross_entropy", "grpo"):
+                last.append(_case(loss, BIG_CHUNKS, params, dtype, device, lambda: None))
+    return out + last  # last: a GPU check cut short loses these rows first
+
+
+def _case(loss, provider, params, dtype, device, avail) -> Case:
+    return Case(op=loss, provider=provider, params=params, dtype=dtype,
+                build=partial(_build, loss, provider, params["T"], params["H"], params["V"],
+                              dtype, device, params["head"] == "train"),
+                available=avail)
 
