@@ -141,7 +141,7 @@ class RowCoeffs:
     w: torch.Tensor  # [C, J] coefficients of the gathered entries (subtracted)
     lam: torch.Tensor | None = None  # [C] weight of KL(p_ref || p) (with a reference head)
 
-    def normalised(self) -> tuple["RowCoeffs", torch.Tensor]:
+    def normalised(self) -> tuple[RowCoeffs, torch.Tensor]:
         """(coefficients of dz / s, s): s per row bounds the row's |dz| (p and p_ref are at
         most 1, the softcap's slope too), so dz / s lies in [-1, 1] with its large entries
         near 1. fp16's normal range starts at 6e-5: DFT's dz (p_y times CE's), written as
