@@ -1,5 +1,5 @@
 """fastft.profile against the real step: FLOPs, exact weight/gradient/optimizer bytes, and
-the peak within 10% of what the CPU allocator measured."""
+the peak within 2% of what the CPU allocator measured (the issue asks 10%)."""
 
 import json
 from pathlib import Path
@@ -28,19 +28,19 @@ METHODS = {"full": lambda: fastft.Full(), "lora": lambda: fastft.LoRA(r=8),
 B, S = 4, 128
 
 
-def real_step(method_name):
+def real_step(method_name, dtype=torch.float32):
     """Two real CPU steps as the Trainer takes them, measured by torch's own tools."""
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(small_config()).train()
+    model = transformers.LlamaForCausalLM(small_config()).to(dtype).train()
     ids = torch.randint(0, 512, (B, S))
     return measure.real_step(model, METHODS[method_name](), {"input_ids": ids,
                                                              "labels": ids.clone()},
                             max_length=S)
 
 
-def traced(method_name):
+def traced(method_name, dtype=torch.float32):
     return pstep.trace(small_config(), METHODS[method_name](), batch_size=B, seq_len=S,
-                       dtype=torch.float32, kind="cpu")
+                       dtype=dtype, kind="cpu")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -50,10 +50,34 @@ def test_flops_and_static_bytes_equal_the_real_step(method):
     assert tr.static == {k: real[k] for k in ("parameters", "gradients", "optimizer")}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("method", list(METHODS))
-def test_peak_within_ten_percent_of_the_cpu_allocator(method):
-    real, tr = real_step(method), traced(method)
-    assert abs(tr.peak_bytes - real["peak"]) <= 0.10 * real["peak"], (tr.peak_bytes, real)
+def test_peak_within_two_percent_of_the_cpu_allocator(method, dtype):
+    """The real step's batch is unpadded, so transformers gives sdpa no mask (is_causal, and
+    enable_gqa for the grouped K/V heads); the trace must take the same path. It once built
+    the mask, whose sdpa repeats K and V per layer: 5.7-8.7% over the real peak here."""
+    real, tr = real_step(method, dtype), traced(method, dtype)
+    assert abs(tr.peak_bytes - real["peak"]) <= 0.02 * real["peak"], (tr.peak_bytes, real)
+
+
+def test_the_trace_builds_no_attention_mask_and_leaves_transformers_as_it_was():
+    from transformers import masking_utils as mu
+
+    before = (mu.find_packed_sequence_indices, mu._ignore_causal_mask_sdpa)
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(*args, **kw):
+        seen.append(kw.get("attn_mask", args[3] if len(args) > 3 else None))
+        return real_sdpa(*args, **kw)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        traced("lora")
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = real_sdpa
+    assert seen and all(m is None for m in seen)
+    assert (mu.find_packed_sequence_indices, mu._ignore_causal_mask_sdpa) == before
 
 
 def test_llama3_8b_lora_matches_a_hand_count():
