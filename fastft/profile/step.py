@@ -61,13 +61,19 @@ def build(config, dtype: torch.dtype, device: str) -> nn.Module:
     import transformers
 
     config = _copy(config)
-    config._attn_implementation = "sdpa"
     config.use_cache = False
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = transformers.AutoModelForCausalLM.from_config(config)
+            # sdpa, as transformers picks for training where the architecture has it (Gemma-2's
+            # attention softcap does not: eager, which keeps its [B, heads, S, S] probabilities)
+            try:
+                config._attn_implementation = "sdpa"
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError:
+                config._attn_implementation = "eager"
+                model = transformers.AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(old)
     made: dict[int, torch.Tensor] = {}

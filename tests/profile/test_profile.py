@@ -168,3 +168,34 @@ def test_a_freed_output_does_not_lend_its_module_to_the_tensor_that_reuses_its_i
     else:
         pytest.skip("no tensor reused the freed id")
     assert rec._maker(u) is None
+
+
+OTHER_CONFIGS = {
+    "mistral-sliding-window": lambda: transformers.MistralConfig(
+        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+        tie_word_embeddings=False),
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2),
+    # no sdpa in transformers (its attention softcap): eager, as a real run gets it
+    "gemma2-eager": lambda: transformers.Gemma2Config(
+        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=64),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_CONFIGS))
+def test_other_architectures_match_the_real_step(name):
+    """A sliding window longer than the batch's positions (Mistral), a tied head (Qwen2), an
+    architecture without sdpa (Gemma-2: the trace once asked for sdpa and failed)."""
+    cfg = OTHER_CONFIGS[name]()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).train()
+    ids = torch.randint(4, 1000, (2, 128), generator=torch.Generator().manual_seed(0))
+    real = measure.real_step(model, fastft.Full(), {"input_ids": ids, "labels": ids.clone()},
+                             max_length=128)
+    tr = pstep.trace(cfg, fastft.Full(), batch_size=2, seq_len=128, dtype=torch.float32,
+                     kind="cpu")
+    assert tr.flops_total == real["flops"]
+    assert abs(tr.peak_bytes - real["peak"]) <= 0.02 * real["peak"], (tr.peak_bytes, real)
