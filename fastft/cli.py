@@ -288,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("lines", help="LiNeS: scale the fine-tuning update by layer depth",
                        description="LiNeS: base + (alpha + beta l / (L - 1)) (finetuned - base) "
-                       "for block l of L; embeddings count as block 0, the final norm and head "
-                       "as block L - 1.")
+                       "for block l of L; the embeddings, the final norm and the head, outside "
+                       "the blocks, by alpha.")
     s.add_argument("--base", required=True, help="the model the fine-tuning started from")
     s.add_argument("--finetuned", required=True, help="run, checkpoint or model folder (full "
                    "weights or a LoRA adapter of --base)")

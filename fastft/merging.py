@@ -23,10 +23,12 @@ recipe); it is built under a temporary name and renamed into place.
 
 LiNeS scales the fine-tuning update of block l of L by alpha + beta l / (L - 1).
 The block of a parameter comes from its name: ``layers.<l>.``, ``h.<l>.``,
-``layer.<l>.`` or ``blocks.<l>.``; an embedding (``embed_tokens``, ``wte``,
-``wpe``, ``word_embeddings``, ...) counts as block 0, the final norm (``norm``,
-``ln_f``, ``final_layernorm``, ...) and the output head (``lm_head``,
-``embed_out``) as block L - 1, where L is the largest index + 1. Any other
+``layer.<l>.`` or ``blocks.<l>.``, where L is the largest index + 1. The
+parameters outside the residual blocks, the embeddings (``embed_tokens``,
+``wte``, ``wpe``, ``word_embeddings``, ...), the final norm (``norm``, ``ln_f``,
+``final_layernorm``, ...) and the output head (``lm_head``, ``embed_out``), are
+scaled by alpha, as the authors' ``LiNeS_scaling`` scales every tensor with no
+block index (the head is not given the last block's alpha + beta). Any other
 parameter must be left unchanged by the fine-tuning (else an error names it);
 a model with no layer index at all is an error.
 """
@@ -317,19 +319,15 @@ LAST = {"lm_head", "embed_out", "norm", "ln_f", "final_layernorm", "final_layer_
         "final_norm"}  # the final norm and the output head
 
 
-def layer_of(name: str, n_layers: int) -> int | None:
+def layer_of(name: str, n_layers: int | None = None) -> int | None:
     """The block of a parameter for LiNeS: ``layers.<l>.`` / ``h.<l>.`` / ``layer.<l>.`` /
-    ``blocks.<l>.`` give l; an embedding counts as block 0, the final norm and the output
-    head as block L - 1; anything else: None."""
+    ``blocks.<l>.`` give l; an embedding, the final norm and the output head lie outside
+    the blocks and count as block 0 (factor alpha, as in the authors' ``LiNeS_scaling``);
+    anything else: None. ``n_layers`` is not needed (kept for callers that pass it)."""
     m = LAYER.search(name)
     if m:
         return int(m.group(1))
-    parts = set(name.split("."))
-    if parts & EMBEDDING:
-        return 0
-    if parts & LAST:
-        return n_layers - 1
-    return None
+    return 0 if set(name.split(".")) & (EMBEDDING | LAST) else None
 
 
 def _number(value, name: str) -> float:
@@ -346,7 +344,8 @@ def lines(base, finetuned, out, alpha, beta=None) -> Path:
 
     ``beta`` defaults to 1 - alpha (the last block keeps its whole update). The block of
     a parameter: :func:`layer_of`; L = the largest index + 1 (with L = 1 the factor is
-    alpha). A tied output head is stored as the embedding and scaled as block 0. A
+    alpha). The embeddings, the final norm and the output head (tied or not) are outside
+    the blocks and scaled by alpha, as the authors' ``LiNeS_scaling`` does. Any other
     parameter in no block must be unchanged by the fine-tuning (else an error names it).
     ``finetuned`` may be an adapter: it is merged into ``base`` on the fly. The result
     has the fine-tuned model's config, tokenizer and dtypes; math in fp32, rounded once.
@@ -365,7 +364,7 @@ def lines(base, finetuned, out, alpha, beta=None) -> Path:
           "is named layers.<l>. / h.<l>. / layer.<l>. / blocks.<l>. (e.g. "
           f"{tuned.keys[0] if tuned.keys else 'none'}), so there are no blocks to scale")
     n = max(found) + 1
-    placed = {k: layer_of(k, n) for k in tuned.keys}
+    placed = {k: layer_of(k) for k in tuned.keys}
     changed = []
     for k in (k for k, layer in placed.items() if layer is None):  # one pair at a time
         t = tuned.get(k)
@@ -395,5 +394,5 @@ def lines(base, finetuned, out, alpha, beta=None) -> Path:
 
     recipe = {"method": "lines", "base": base_model.label, "finetuned": tuned.label,
               "alpha": alpha, "beta": beta, "layers": n,
-              "factors": [factor(layer) for layer in range(n)]}
+              "factors": [factor(layer) for layer in range(n)], "outside": alpha}
     return write_model(out, tuned, tensor_of, recipe)

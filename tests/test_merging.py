@@ -145,12 +145,12 @@ def test_greedy_soup_from_the_command_line(models, tmp_path, capsys):
 
 
 def expected_lines(base, tuned, alpha, beta, n_layers):
-    """The formula, per tensor: block from the name; embeddings 0, final norm / head L - 1; a
-    factor of exactly 1 copies the fine-tuned tensor (as documented)."""
+    """The authors' LiNeS_scaling, per tensor: alpha + beta l / (L - 1) for a tensor of block
+    l, alpha for every tensor outside the blocks (embeddings, final norm, head); a factor of
+    exactly 1 copies the fine-tuned tensor (as documented)."""
     out = {}
     for k in tuned:
-        layer = int(k.split(".")[2]) if ".layers." in k else (0 if "embed" in k else n_layers - 1)
-        s = alpha + beta * layer / (n_layers - 1)
+        s = alpha + beta * int(k.split(".")[2]) / (n_layers - 1) if ".layers." in k else alpha
         delta = tuned[k].float() - base[k].float()
         out[k] = tuned[k] if s == 1 else (base[k].float() + s * delta).to(tuned[k].dtype)
     return out
@@ -181,19 +181,42 @@ def test_lines_block_names():
     assert merging.layer_of("encoder.layer.2.output.dense.weight", 12) == 2
     assert merging.layer_of("transformer.wte.weight", 12) == 0
     assert merging.layer_of("model.embed_tokens.weight", 12) == 0
-    assert merging.layer_of("transformer.ln_f.weight", 12) == 11
-    assert merging.layer_of("model.norm.weight", 12) == 11
-    assert merging.layer_of("lm_head.weight", 12) == 11
-    assert merging.layer_of("gpt_neox.embed_out.weight", 12) == 11
+    assert merging.layer_of("transformer.ln_f.weight", 12) == 0
+    assert merging.layer_of("model.norm.weight", 12) == 0
+    assert merging.layer_of("lm_head.weight", 12) == 0
+    assert merging.layer_of("gpt_neox.embed_out.weight", 12) == 0
     assert merging.layer_of("model.vision_proj.weight", 12) is None
 
 
-def with_extra(src, dst, name, value):
+def with_extra(src, dst, name, value, **more):
     shutil.copytree(src, dst)
     w = weights(dst)
     w[name] = value
+    w.update(more)
     save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+def test_lines_scales_everything_outside_the_blocks_by_alpha(models, tmp_path):
+    """An untied head and a fine-tuned final norm: they, like the embeddings, get alpha, the
+    factor of the authors' LiNeS_scaling for every tensor with no block index."""
+    def untied(src, dst, seed):
+        g = torch.Generator().manual_seed(seed)
+        w = weights(src)
+        head = torch.randn(w["model.embed_tokens.weight"].shape, generator=g)
+        norm = 1 + 0.1 * torch.randn(w["model.norm.weight"].shape, generator=g)
+        return with_extra(src, dst, "lm_head.weight", head, **{"model.norm.weight": norm})
+
+    base_dir, tuned_dir = untied(models[0], tmp_path / "b", 1), untied(models[1], tmp_path / "t", 2)
+    base, tuned = weights(base_dir), weights(tuned_dir)
+    got = weights(merging.lines(base_dir, tuned_dir, tmp_path / "out", 0.2, 0.5))
+    want = expected_lines(base, tuned, 0.2, 0.5, 3)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert not torch.equal(tuned[k], base[k])
+        torch.testing.assert_close(got[k] - base[k], 0.2 * (tuned[k] - base[k]))
+    recipe = json.loads((tmp_path / "out" / "fastft_merge.json").read_text())
+    assert recipe["outside"] == 0.2 and recipe["factors"] == pytest.approx([0.2, 0.45, 0.7])
 
 
 def test_lines_parameter_in_no_block_must_be_unchanged(models, tmp_path):
