@@ -61,6 +61,60 @@ def test_utility_is_the_nuclear_norm_of_the_masked_logits(S, H, softcap, with_bi
         torch.testing.assert_close(small, got, rtol=1e-5, atol=1e-5)
 
 
+def anisotropic(S, H, V, k, seed=0):
+    """Hidden states with one dominant direction (as real LM hidden states and logits
+    have): its singular value is ~k sqrt(S), the others ~sqrt(S)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(H, generator=g)
+    hidden = torch.randn(1, S, H, generator=g)
+    hidden = hidden + k * (1 + torch.randn(1, S, 1, generator=g).abs()) * (u / u.norm())
+    weight = torch.randn(V, H, generator=g) / math.sqrt(H)
+    return hidden, torch.ones(1, S, dtype=torch.long), weight, torch.randn(V, generator=g)
+
+
+@pytest.mark.parametrize("S,H,V,k,softcap,with_bias", [
+    (48, 64, 1000, 200.0, None, False),  # the sequence side: an fp32 Gram was 2.8% low
+    (48, 64, 1000, 500.0, None, True),  # 4.7% low
+    (200, 64, 2000, 100.0, None, False),  # the hidden side: 0.8% low
+    (48, 64, 1000, 200.0, 30.0, False),  # softcap, the chunked Gram: 1.9% low
+    (200, 64, 2000, 100.0, 30.0, True),  # 9.1% low
+])
+def test_utility_is_exact_on_anisotropic_logits(S, H, V, k, softcap, with_bias):
+    hidden, mask, weight, b = anisotropic(S, H, V, k)
+    bias = b if with_bias else None
+    got = select.utility(hidden, mask, weight, softcap, bias=bias)
+    want = torch.linalg.matrix_norm(logits(hidden, weight, softcap, bias)[0], "nuc")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got[0].double(), want, rtol=1e-4, atol=0)
+
+
+def test_anisotropic_samples_rank_by_their_exact_nuclear_norms():
+    """A: one singular value of 6000 and 63 of 15 (nuclear norm 6945); B: 64 of 106.25
+    (6800). W has orthonormal columns, so the logits' singular values are the hidden
+    states'. A wins; an fp32 Gram with a relative eigenvalue floor gave A 6000.0 < B 6800.0."""
+    g = torch.Generator().manual_seed(0)
+    S = H = 64
+    weight = torch.linalg.qr(torch.randn(256, H, generator=g, dtype=torch.float64))[0]
+
+    def sample(spectrum):
+        u = torch.linalg.qr(torch.randn(S, S, generator=g, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(H, H, generator=g, dtype=torch.float64))[0]
+        return (u * torch.tensor(spectrum, dtype=torch.float64)) @ v.T
+
+    a = sample([6000.0] + [15.0] * 63)
+    b = sample([106.25] * 64)
+    hidden = torch.stack([a, b]).float()
+    mask = torch.ones(2, S, dtype=torch.long)
+    z = logits(hidden, weight.float())
+    exact = torch.stack([torch.linalg.matrix_norm(z[i], "nuc") for i in range(2)])
+    torch.testing.assert_close(exact, torch.tensor([6945.0, 6800.0], dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    got = select.utility(hidden, mask, weight.float())
+    torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=0)
+    sel = select.UDSSelector(alpha=0.0, length=S)
+    assert sel.select(hidden, mask, weight.float(), 1).tolist() == [0]
+
+
 def test_the_head_cache_follows_the_weight():
     hidden, mask, weight, _ = case()
     sel = select.UDSSelector(length=8)
