@@ -28,10 +28,15 @@ from .lora import Full, LoRA, LoRASB
 
 
 def selection_for(costs, importance: list[float], rho: float) -> list[bool]:
-    """The DP's selection under rho's backward budget (METHODS.md §5)."""
-    rho_bp = green_select.backward_budget(rho, costs.t_fp, costs.t_bp)
-    dw, dy, budget = green_select.quantize(costs.t_dw, costs.t_dy, rho_bp * costs.t_bp)
-    return green_select.select(importance, dw, dy, budget)
+    """The DP's selection under rho's backward budget (METHODS.md §5), on costs rounded up
+    to integers, then filled with what the rounding left out (exact costs)."""
+    budget = green_select.backward_budget(rho, costs.t_fp, costs.t_bp) * costs.t_bp
+    dw, dy, units = green_select.quantize(costs.t_dw, costs.t_dy, budget)
+    mask = green_select.select(importance, dw, dy, units)
+    mask = green_select.fill(mask, importance, costs.t_dw, costs.t_dy, budget)
+    check(green_select.cost(mask, costs.t_dw, costs.t_dy) <= budget * (1 + 1e-12),
+          "GreenTrainer: the selection's backward FLOPs exceed the budget")
+    return mask
 
 
 @dataclass
