@@ -8,7 +8,11 @@ difference to the frozen step). FLOPs are torch's FlopCounterMode counts with
 fastft's formulas, filed by module (tracker.FlopRecorder). Backward FLOPs of a
 module that no candidate of its own carries (the attention core between q/k/v and
 o) are charged to the last candidate tensor that runs before them, the fused loss
-head's to the head (or, frozen, to the last tensor before it). Norms are
+head's to the head (or, frozen or tied, to the last tensor before it). A module's
+own activation gradient is charged to its weight (a bias's is 0: its gradient
+needs only the module's output gradient); a LoRA layer's to its last adapter
+tensor. A head tied to the embeddings puts its weight-gradient GEMM on the
+embedding's t_dw: that tensor carries it. Norms are
 elementwise (no FLOPs in the counter): t_dw = t_dy = tokens x width, as METHODS.md
 gives them.
 """
@@ -45,7 +49,16 @@ def measure_costs(config, base, *, batch_size: int, seq_len: int, dtype: torch.d
 
     common = dict(batch_size=batch_size, seq_len=seq_len, dtype=dtype, kind="cpu",
                   optimizer_step=False, steps=1)
-    full = trace(config, copy.deepcopy(base), **common)
+    tied: list[str] = []  # the embedding's name when the output head shares its weight
+
+    def find_tied(model):
+        from ..patch import output_head
+
+        head, emb = output_head(model), model.get_input_embeddings()
+        if head is not None and emb is not None and head.weight is emb.weight:
+            tied.extend(n for n, p in model.named_parameters() if p is emb.weight)
+
+    full = trace(config, copy.deepcopy(base), before_step=find_tied, **common)
     cands = [(n, k) for n, _, trains, k in full.parameter_names if trains]
     check(bool(cands), "GreenTrainer: the base method trains no tensor")
     names = [n for n, _ in cands]
@@ -94,6 +107,8 @@ def measure_costs(config, base, *, batch_size: int, seq_len: int, dtype: torch.d
             dw = tokens * numel[n]
         else:
             dw = max(0, bwd(by_role[role], module) - bwd(frozen, module))
+        if n in tied:  # the head's weight-gradient GEMM, in the fused loss head
+            dw += max(0, bwd(by_role[role], ROOT) - bwd(frozen, ROOT))
         pos = position(module)
         if pos is None:  # never ran (e.g. a head tied elsewhere): last
             pos = last
@@ -107,6 +122,9 @@ def measure_costs(config, base, *, batch_size: int, seq_len: int, dtype: torch.d
         if dy and pos is not None:
             items.append((pos, 1, module, 0.0, float(dy)))
     items.sort(key=lambda it: (it[0], it[1]))
+    # a linear's (or norm's) input gradient goes to its weight, never its bias: a bias's
+    # gradient needs only the module's output gradient
+    weight_of = {module_of(n): n for n in names if n.rsplit(".", 1)[-1] == "weight"}
     t_dw = {n: 0.0 for n in names}
     t_dy = {n: 0.0 for n in names}
     current = None
@@ -114,6 +132,8 @@ def measure_costs(config, base, *, batch_size: int, seq_len: int, dtype: torch.d
         if not is_dy:
             current = name
             t_dw[name] += dw
+        elif name in weight_of:
+            t_dy[weight_of[name]] += dy
         elif current is not None:  # needed only when something at or below it trains
             t_dy[current] += dy
     order = [n for _, is_dy, n, _, _ in items if not is_dy]
