@@ -8,11 +8,12 @@ difference to the frozen step). FLOPs are torch's FlopCounterMode counts with
 fastft's formulas, filed by module (tracker.FlopRecorder). Backward FLOPs of a
 module that no candidate of its own carries (the attention core between q/k/v and
 o) are charged to the last candidate tensor that runs before them, the fused loss
-head's to the head (or, frozen or tied, to the last tensor before it). A module's
-own activation gradient is charged to its weight (a bias's is 0: its gradient
-needs only the module's output gradient); a LoRA layer's to its last adapter
-tensor. A head tied to the embeddings puts its weight-gradient GEMM on the
-embedding's t_dw: that tensor carries it. Norms are
+head's to the head (or, frozen or tied, to the last tensor before it): the
+attention core goes to v's bias where v has one, since a selected v bias needs it.
+A module's own activation gradient is charged to its weight, none to its bias (a
+bias's gradient needs only the module's output gradient); a LoRA layer's to its
+last adapter tensor. A head tied to the embeddings puts its weight-gradient GEMM
+on the embedding's t_dw: that tensor carries it. Norms are
 elementwise (no FLOPs in the counter): t_dw = t_dy = tokens x width, as METHODS.md
 gives them.
 """
