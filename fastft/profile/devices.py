@@ -20,7 +20,12 @@ class Device:
     memory: float  # bytes
 
     def step_seconds(self, flops: float, bytes_moved: float) -> float:
-        """A roofline lower bound: the GEMM FLOPs at peak plus the bytes at full bandwidth."""
+        """The roofline lower bound: the slower of the FLOPs at peak and the bytes at full
+        bandwidth (compute and memory traffic overlapping perfectly)."""
+        return max(flops / self.flops, bytes_moved / self.bandwidth)
+
+    def no_overlap_seconds(self, flops: float, bytes_moved: float) -> float:
+        """The FLOPs at peak plus the bytes at full bandwidth: no overlap at all."""
         return flops / self.flops + bytes_moved / self.bandwidth
 
 

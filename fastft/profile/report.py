@@ -35,7 +35,9 @@ class Profile:
     flops_backward: int
     flops_by_module: dict  # module pattern -> {"forward": , "backward": }
     flops_by_op: dict  # op -> {"forward": , "backward": }
-    step_seconds: float  # roofline estimate on the device
+    step_seconds: float  # roofline lower bound on the device: max(compute, memory) time
+    step_seconds_no_overlap: float  # compute time + memory time
+    bytes_moved: float  # the bytes the bound counts (weights read, optimizer, activations)
     tokens_per_s: float
     device_memory: float
     fits: bool
@@ -65,11 +67,14 @@ def from_trace(tr, *, model: str, method: str, dev, dtype: str, batch_size: int,
         else:
             bwd += n
     saved = sum(tr.activations_by_module.values())
-    # bytes the step moves at least: the optimizer reads and writes its state and the trained
-    # weights and reads the gradients (weights counted at the gradients' size); the saved
-    # activations are written, read back, and their gradients written
+    # bytes the step moves at least: the forward reads every weight and the backward reads
+    # them again for the input gradients (a third time with gradient checkpointing's
+    # recompute); the optimizer reads and writes its state and the trained weights and reads
+    # the gradients (weights counted at the gradients' size); the saved activations are
+    # written, read back, and their gradients written
     st = tr.static
-    moved = 2 * st["optimizer"] + 4 * st["gradients"] + 3 * saved
+    weight_reads = (3 if gradient_checkpointing else 2) * st["parameters"]
+    moved = weight_reads + 2 * st["optimizer"] + 4 * st["gradients"] + 3 * saved
     seconds = dev.step_seconds(fwd + bwd, moved)
     return Profile(
         model=model, method=method, device=dev.name, dtype=dtype, batch_size=batch_size,
@@ -78,7 +83,8 @@ def from_trace(tr, *, model: str, method: str, dev, dtype: str, batch_size: int,
         peak_phase=tr.peak_phase, memory_at_peak=dict(tr.memory), static=dict(st),
         activations_saved=saved, activations_by_module=dict(tr.activations_by_module),
         flops_forward=fwd, flops_backward=bwd, flops_by_module=by_module, flops_by_op=by_op,
-        step_seconds=seconds, tokens_per_s=batch_size * seq_len / seconds,
+        step_seconds=seconds, step_seconds_no_overlap=dev.no_overlap_seconds(fwd + bwd, moved),
+        bytes_moved=float(moved), tokens_per_s=batch_size * seq_len / seconds,
         device_memory=dev.memory, fits=tr.peak_bytes <= dev.memory, notes=list(notes))
 
 
@@ -107,8 +113,10 @@ def table(profiles: list[Profile]) -> str:
              (f"forward {fu}", lambda p: f"{p.flops_forward / fs:.2f}"),
              (f"backward {fu}", lambda p: f"{p.flops_backward / fs:.2f}"),
              (f"step {fu}", lambda p: f"{p.flops / fs:.2f}"),
-             ("step time, roofline (ms)", lambda p: f"{p.step_seconds * 1e3:,.1f}"),
-             ("tokens/s, roofline", lambda p: f"{p.tokens_per_s:,.0f}")]
+             ("step time, roofline bound (ms)", lambda p: f"{p.step_seconds * 1e3:,.1f}"),
+             ("step time, no overlap (ms)",
+              lambda p: f"{p.step_seconds_no_overlap * 1e3:,.1f}"),
+             ("tokens/s, roofline bound", lambda p: f"{p.tokens_per_s:,.0f}")]
     cols = ["", *[p.method for p in profiles]]
     body = [[name, *[f(p) for p in profiles]] for name, f in rows]
     widths = [max(len(str(r[i])) for r in [cols, *body]) for i in range(len(cols))]
