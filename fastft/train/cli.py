@@ -34,9 +34,15 @@ HELP = {
     "roste_lora": "RoSTE: LoRA adapters on the frozen quantized base (--lora-r ...)",
     "masked_thought": "Masked Thought: probability of masking a completion input token "
     "(ramps up over the first 2/3 of the steps)",
-    "mask_token_id": "the token Masked Thought puts in (default: unk, else pad)",
+    "mask_token_id": "the token Masked Thought puts in (default: the tokenizer's unk; "
+    "neither its pad nor its EOS)",
     "key_tokens": "key-token weighted SFT: a regex marking key tokens of the completion",
     "key_max_weight": "the largest weight of a key token",
+    "key_norm": "key-token weights: sample (each completion normalised, then averaged; "
+    "TL-Training) or step (one normaliser over the step's tokens)",
+    "uds_grouping": "UDS: micro (top of each micro-batch of candidates, queue pushed after "
+    "each; the authors') or step (one top-k over the step)",
+    "uds_start_step": "UDS: optimizer steps of plain training before selection starts",
     "lora_alpha": "LoRA alpha (scale alpha / r)", "lora_dropout": "dropout on the LoRA input",
     "target_modules": "'all-linear', comma-separated names, or a regex over module paths",
     "rslora": "scale alpha / sqrt(r)", "max_length": "tokens per example",

@@ -54,9 +54,13 @@ class TrainConfig:
     completion_only: bool = True
     skip_invalid: bool = False  # skip (and count) unreadable / bad records, not stop
     masked_thought: float = 0.0  # Masked Thought: p of masking a completion input token
-    mask_token_id: int | None = None  # its replacement (None: the tokenizer's unk, else pad)
+    # its replacement (None: the tokenizer's unk; a tokenizer without one needs it named)
+    mask_token_id: int | None = None
     key_tokens: str | None = None  # key-token weighted SFT: a regex over the completion text
     key_max_weight: float = 9.0  # a key token weighs min(N_other / N_key, this)
+    # sample: each completion's weighted mean, then the mean over completions (TL-Training);
+    # step: one weighted mean over every completion token of the step
+    key_norm: str = "sample"
     # optimisation
     batch_size: int = 8  # sequences (sft) or completions (grpo) per micro-batch and process
     grad_accum: int = 1
@@ -97,6 +101,10 @@ class TrainConfig:
     select_ratio: float = 0.5  # the fraction of the candidates that trains
     uds_alpha: float = 2.5e-3  # UDS: weight of the diversity in the score
     uds_queue: int = 1024  # UDS: sketches of recently selected samples kept
+    # UDS: micro (the top of each micro-batch of candidates, the queue pushed after each,
+    # as the authors do) | step (one top-k over the step's candidates, pushed once)
+    uds_grouping: str = "micro"
+    uds_start_step: int = 0  # UDS: optimizer steps of plain training before selection starts
     # run
     output_dir: str | None = None
     seed: int = 0
@@ -202,6 +210,12 @@ class TrainConfig:
               f"{self.select_ratio}")
         check(self.uds_alpha >= 0, f"uds_alpha must be >= 0; got {self.uds_alpha}")
         check(self.uds_queue >= 1, f"uds_queue must be an integer >= 1; got {self.uds_queue}")
+        check(self.uds_grouping in ("micro", "step"), "uds_grouping must be micro or step; got "
+              f"{self.uds_grouping!r}")
+        check(self.uds_start_step >= 0, f"uds_start_step must be >= 0; got "
+              f"{self.uds_start_step}")
+        check(self.key_norm in ("sample", "step"), f"key_norm must be sample or step; got "
+              f"{self.key_norm!r}")
         check(0 <= self.masked_thought < 1, "masked_thought (a probability) must be in "
               f"[0, 1); got {self.masked_thought}")
         check(self.mask_token_id is None or self.mask_token_id >= 0,

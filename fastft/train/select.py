@@ -1,7 +1,12 @@
 """UDS, utility-diversity online batch selection, from hidden states (METHODS.md section 7).
 
 Each step scores more candidate samples than it trains on, with a no-grad forward, and
-keeps the K best by ``u_i + alpha * d_i``:
+keeps the best by ``u_i + alpha * d_i``: as the authors do (``uds_grouping="micro"``, the
+default), the ``batch_size`` best of each micro-batch's ``ceil(batch_size / select_ratio)``
+candidates, their sketches pushed into the queue before the next micro-batch is scored;
+or (``"step"``) the ``global_batch`` best of all the step's candidates, pushed once. The
+first ``uds_start_step`` steps (the authors' ``start_sampling_step``) train on the data
+in its plain order, as a run without selection does:
 
 - utility ``u_i``: the nuclear norm of sample i's logits ``Z_i`` over its attention-masked
   positions (the authors use every position, padding included). Without a softcap the
@@ -312,6 +317,18 @@ class UDSSelector:
         return best
 
     @torch.no_grad()
+    def choose_each(self, utilities: torch.Tensor, sketches: torch.Tensor, size: int,
+                    k: int) -> list[torch.Tensor]:
+        """The authors' grouping: the candidates in consecutive groups of ``size`` (their
+        micro-batches), the ``k`` best of each by :meth:`choose`, whose push comes before the
+        next group is scored: group g's diversity sees the sketches groups < g selected.
+        Positions into the whole candidate list, one tensor per group."""
+        n = utilities.shape[0]
+        check(size >= 1 and n % size == 0, f"{n} candidates do not split into groups of {size}")
+        return [g + self.choose(utilities[g:g + size], sketches[g:g + size], k)
+                for g in range(0, n, size)]
+
+    @torch.no_grad()
     def select(self, hidden, mask, weight, k: int, **head) -> torch.Tensor:
         """Indices of the ``k`` best samples of a batch (``head``: softcap, bias,
         temperature of the logits)."""
@@ -350,16 +367,53 @@ class UDSSelector:
         self.queue[:self.count] = q.to(device)
 
 
+def candidates(cfg, world: int) -> tuple[int, int]:
+    """(groups, candidates per group) of one UDS step over ``world`` processes.
+
+    ``uds_grouping="micro"`` (the default, the authors'): one group per micro-batch of
+    every process, ``ceil(batch_size / select_ratio)`` candidates for its ``batch_size``
+    rows; ``"step"``: one group of ``ceil(global_batch / select_ratio)`` for the step's
+    ``global_batch``."""
+    if cfg.uds_grouping == "step":
+        k = cfg.batch_size * cfg.grad_accum * world
+        return 1, max(k, math.ceil(k / cfg.select_ratio - 1e-9))
+    k = cfg.batch_size
+    return cfg.grad_accum * world, max(k, math.ceil(k / cfg.select_ratio - 1e-9))
+
+
+def run_steps(cfg, world: int, rows: int) -> int:
+    """Optimizer steps of ``epochs`` over ``rows`` rows under ``select="uds"``: the first
+    ``uds_start_step`` steps read ``global_batch`` rows (plain training), the rest their
+    candidates."""
+    k = cfg.batch_size * cfg.grad_accum * world
+    groups, size = candidates(cfg, world)
+    total = cfg.epochs * rows
+    plain = min(total, cfg.uds_start_step * k)
+    return max(1, math.ceil(plain / k - 1e-9) + math.ceil((total - plain) / (groups * size)
+                                                          - 1e-9))
+
+
 def uds_rows(trainer) -> list[int]:
-    """The rows of one SFT step under ``select="uds"``: ceil(global_batch / select_ratio)
-    candidates from the data stream, scored (no grad, eval mode, the model's hidden states)
-    by every process on its share and gathered, the global_batch best kept (same choice
-    and queue on every process); Trainer.save puts the queue in ``trainer.state["uds"]``."""
+    """The rows of one SFT step under ``select="uds"``.
+
+    Before step ``uds_start_step`` (the authors' ``start_sampling_step``): the next
+    ``global_batch`` rows of the data stream, as plain training reads them. From then on,
+    the candidates of :func:`candidates` are read from the stream, scored (no grad, eval
+    mode, the model's hidden states) by every process on its share and gathered, and
+    chosen with the same queue on every process: under ``uds_grouping="micro"`` group
+    ``g = m * world + p`` (consecutive candidates) gives the ``batch_size`` rows of
+    micro-batch m of process p, and the queue takes each group's sketches before the next
+    group is scored (the model is the same for all of them: no optimizer step comes
+    between); under ``"step"`` the ``global_batch`` best of all the candidates, pushed once.
+    Trainer.save puts the queue in ``trainer.state["uds"]``."""
     cfg, d = trainer.cfg, trainer.dist
     check(not getattr(trainer, "fsdp", False), "select='uds' does not run under fsdp=true "
           "(the scoring forward calls the decoder directly): use DDP")
     k = trainer.global_batch
-    n = max(k, math.ceil(k / cfg.select_ratio - 1e-9))
+    if trainer.state["step"] < cfg.uds_start_step:
+        return trainer._take(k)
+    groups, size = candidates(cfg, d.world)
+    n = groups * size
     idx = trainer._take(n)
     if n == k:
         return idx
@@ -397,5 +451,13 @@ def uds_rows(trainer) -> list[int]:
     if feats is None:  # a process with no candidate (more processes than candidates)
         feats = torch.zeros((n, 1 + sel.r1 * sel.r2), device=trainer.device)
     feats = d.all_sum(feats)
-    best = sel.choose(feats[:, 0], feats[:, 1:], k).tolist()  # the rows to read, on the host
-    return [idx[i] for i in best]
+    if groups == 1:
+        best = sel.choose(feats[:, 0], feats[:, 1:], k).tolist()  # on the host
+        return [idx[i] for i in best]
+    chosen = sel.choose_each(feats[:, 0], feats[:, 1:], size, cfg.batch_size)
+    out = [0] * k
+    for g, best in enumerate(chosen):  # group g = m * world + p: micro-batch m of process p
+        m, p = divmod(g, d.world)
+        for j, i in enumerate(best.tolist()):
+            out[p + d.world * (m * cfg.batch_size + j)] = idx[i]  # mine = out[rank::world]
+    return out

@@ -4,6 +4,7 @@ Each process saves every weight of its model to ``<out>/rank<r>.safetensors`` (t
 ranks must end identical) besides the trainer's own run folder.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,9 +28,15 @@ if __name__ == "__main__":
     model, tok = tiny_setup()
     if method in METHODS:
         fastft.prepare(model, METHODS[method]())
+    # "uds": LoRA under UDS selection; its micro-batch groups are the same on 1 process
+    # with 2 micro-batches as on 2 processes with one each
+    extra = {}
+    if method == "uds":
+        method, extra = "lora", dict(select="uds", select_ratio=0.5,
+                                     grad_accum=4 // (batch * int(os.environ["WORLD_SIZE"])))
     cfg = TrainConfig(batch_size=batch, max_steps=4, lr=1e-3, warmup_ratio=0.0,
                       schedule="constant", progress=False, lora_r=4, method=method, fsdp=fsdp,
-                      output_dir=out)
+                      output_dir=out, **extra)
     trainer = Trainer(model, tok, data, cfg)
     trainer.train()
     if not fsdp:

@@ -45,12 +45,15 @@ def relative_difference(a: dict, b: dict) -> float:
                for k in a)
 
 
-# 8 rows, global batch 4, 4 steps: two epochs (HFT re-draws its half at the second)
+# 8 rows, global batch 4, 4 steps: two epochs (HFT re-draws its half at the second);
+# uds: 16 rows, 8 candidates a step in two groups of 4 (1 process x 2 micro-batches of 2,
+# or 2 processes x 1)
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "lora-sb", "full", "lift", "hft", "ltsft", "green"])
+@pytest.mark.parametrize("method", ["lora", "lora-sb", "full", "lift", "hft", "ltsft", "green",
+                                    "uds"])
 def test_ddp_two_processes_equal_one(tmp_path, method):
-    data = write_data(tmp_path, n=8)
-    launch(1, data, tmp_path / "one", method, False, 4)
+    data = write_data(tmp_path, n=16 if method == "uds" else 8)
+    launch(1, data, tmp_path / "one", method, False, 2 if method == "uds" else 4)
     launch(2, data, tmp_path / "two", method, False, 2)
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     steps = 8 if method == "ltsft" else 4  # LT-SFT: a full phase, then a sparse one

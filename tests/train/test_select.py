@@ -276,3 +276,110 @@ def test_resume_with_uds_equals_the_uninterrupted_run(tmp_path):
 def test_bad_selection_settings_are_named(bad):
     with pytest.raises(FastftError, match=next(iter(bad))):
         TrainConfig(**bad)
+
+
+def grouped_choice_by_hand(u, s, size, k, alpha, queue):
+    """The authors' loop: per group of ``size`` candidates, score u + alpha * (mean L2
+    distance to the queue, 0 when empty), keep the k best (ties to the earlier), then push
+    their sketches."""
+    queue, out = [q for q in queue], []
+    for g in range(0, len(u), size):
+        scores = []
+        for i in range(g, g + size):
+            d = sum(float((s[i] - q).norm()) for q in queue) / len(queue) if queue else 0.0
+            scores.append(float(u[i]) + alpha * d)
+        order = sorted(range(size), key=lambda i: (-scores[i], i))[:k]
+        best = sorted(g + i for i in order)
+        out.append(best)
+        queue += [s[i] for i in best]
+    return out
+
+
+def test_micro_grouping_pushes_each_groups_choice_before_the_next():
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(8, generator=g)
+    s = torch.randn(8, 6, generator=g)
+    s[4:6] = s[0] + 0.01 * torch.randn(2, 6, generator=g)  # near group 1's best, if pushed
+    s[6:8] = s[0] + 5.0 * torch.randn(2, 6, generator=g)
+    u[4:6] += 1.0
+    alpha = 2.0
+    sel = select.UDSSelector(alpha=alpha, queue_size=16, length=8)
+    got = [b.tolist() for b in sel.choose_each(u, s, 4, 2)]
+    want = grouped_choice_by_hand(u, s, 4, 2, alpha, [])
+    assert got == want
+    assert 0 in got[0] and got[1] != [4, 5]  # the push decided group 2's choice ...
+    assert grouped_choice_by_hand(u[4:], s[4:], 4, 2, alpha, [])[0] == [0, 1]  # ... not u
+    assert sel.count == 4
+    torch.testing.assert_close(sel.queue[:4], s[got[0] + got[1]])
+
+
+def spy_run(monkeypatch, tmp_path, name, **cfg):
+    """Train a tiny run; the UDS choices (u, s, best) and the trained micro-batches."""
+    chosen, trained, taken = [], [], []
+    choose, forward, take = select.UDSSelector.choose, CausalLMLoss.forward, Trainer._take
+
+    def spy_choose(self, u, s, k):
+        out = choose(self, u, s, k)
+        chosen.append((u.clone(), s.clone(), out.tolist()))
+        return out
+
+    def spy_forward(self, batch, **kw):
+        trained.append(batch["input_ids"].clone().cpu())
+        return forward(self, batch, **kw)
+
+    def spy_take(self, n):
+        taken.append(take(self, n))
+        return taken[-1]
+
+    monkeypatch.setattr(select.UDSSelector, "choose", spy_choose)
+    monkeypatch.setattr(CausalLMLoss, "forward", spy_forward)
+    monkeypatch.setattr(Trainer, "_take", spy_take)
+    model, tok = tiny_setup()
+    before = copy.deepcopy(model).eval()
+    tr = Trainer(model, tok, str(write_data(tmp_path, n=16)),
+                 TrainConfig(**{**BASE, **cfg}, output_dir=str(tmp_path / name)))
+    tr.train()
+    monkeypatch.undo()
+    return tr, before, chosen, trained, taken
+
+
+def test_trainer_selects_per_micro_batch(tmp_path, monkeypatch):
+    alpha = 0.05
+    tr, before, chosen, trained, taken = spy_run(
+        monkeypatch, tmp_path, "micro", batch_size=2, grad_accum=2, uds_alpha=alpha)
+    pad = tr.tokenizer.pad_token_id
+    # 2 steps x 2 micro-batches: 4 candidates each, 2 kept each, in step order
+    assert [len(t) for t in taken] == [8, 8] and len(trained) == 4
+    assert [len(u) for u, _, _ in chosen] == [4, 4, 4, 4]
+    for c, (_, _, best) in enumerate(chosen):
+        step, m = divmod(c, 2)
+        rows = [tr.rows[taken[step][4 * m + i]] for i in best]
+        assert torch.equal(trained[c], data.collate(rows, pad)["input_ids"])
+    # the utilities of step 1's first group: the initial model's exact nuclear norms
+    b = data.collate([tr.rows[j] for j in taken[0][:4]], pad)
+    with torch.no_grad():
+        z = before(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    nuc = torch.stack([torch.linalg.matrix_norm(z[i][b["attention_mask"][i].bool()].double(),
+                                                "nuc") for i in range(4)])
+    torch.testing.assert_close(chosen[0][0].double().cpu(), nuc, rtol=1e-4, atol=1e-4)
+    # each step's two groups by the authors' loop, the queue carried over from the steps before
+    queue = []
+    for step in range(2):
+        (u1, s1, b1), (u2, s2, b2) = chosen[2 * step:2 * step + 2]
+        want = grouped_choice_by_hand(torch.cat([u1, u2]).cpu(), torch.cat([s1, s2]).cpu(),
+                                      4, 2, alpha, queue)
+        assert [b1, [4 + i for i in b2]] == want
+        queue += [s1[i].cpu() for i in b1] + [s2[i].cpu() for i in b2]
+
+
+def test_plain_training_until_uds_start_step(tmp_path, monkeypatch):
+    # 16 rows, one epoch: 2 plain steps of 4 rows, then one step of 8 candidates
+    uds = spy_run(monkeypatch, tmp_path, "uds", max_steps=0, uds_start_step=2)
+    plain = spy_run(monkeypatch, tmp_path, "plain", max_steps=2, select=None)
+    tr, _, chosen, trained, taken = uds
+    assert tr.total_steps == 3 and [len(t) for t in taken] == [4, 4, 8]
+    assert len(chosen) == 1  # the selector first runs at step 3
+    assert [t.tolist() for t in trained[:2]] == [t.tolist() for t in plain[3]]
+    assert taken[:2] == plain[4]
+    a, b = read_metrics(tmp_path / "uds"), read_metrics(tmp_path / "plain")
+    assert [m["loss"] for m in a[:2]] == [m["loss"] for m in b]
