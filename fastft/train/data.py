@@ -106,11 +106,19 @@ def _sft_parts(rec: Record, tokenizer) -> tuple[list[int], list[int]]:
 
 def tokenize_sft(records: list[Record], tokenizer, *, max_length: int, truncation: bool,
                  completion_only: bool, skip_invalid: bool, key_tokens: str | None = None,
-                 key_max_weight: float = 9.0) -> tuple[list[dict], DataStats]:
-    """[{input_ids, labels[, weights]}], and what became of the records (DataStats).
+                 key_max_weight: float = 9.0,
+                 key_norm: str = "sample") -> tuple[list[dict], DataStats]:
+    """[{input_ids, labels, prompt_len[, weights]}], and what became of the records
+    (DataStats). ``prompt_len``: the tokens before the completion (Masked Thought masks
+    only those after it).
 
     ``weights`` (key-token weighted SFT, fastft/train/key_tokens.py): one number per
     position, for records with ``key_spans`` or ``weights`` or under ``key_tokens``.
+    ``key_norm="sample"`` (TL-Training's, the default): when any record has weights,
+    every record's weights are divided by their sum over its predicted tokens, so that
+    sum(w CE) / sum(w) over a step is the mean over its samples of each sample's
+    weighted mean; ``"step"``: the weights as they are, one weighted mean over the
+    step's tokens.
 
     An example longer than ``max_length`` is cut to it and counted (``truncation``);
     one whose prompt fills ``max_length`` has no completion token left to learn and
@@ -150,12 +158,26 @@ def tokenize_sft(records: list[Record], tokenizer, *, max_length: int, truncatio
             stats.dropped += 1
             continue
         stats.truncated += cut
-        out.append({"input_ids": ids, "labels": labels} if weights is None else
-                   {"input_ids": ids, "labels": labels, "weights": weights})
+        row = {"input_ids": ids, "labels": labels, "prompt_len": min(len(prompt), len(ids))}
+        out.append(row if weights is None else dict(row, weights=weights))
+    if key_norm == "sample" and any("weights" in r for r in out):
+        for r in out:
+            r["weights"] = per_sample_weights(r)
     check(bool(out), f"no usable training records: of {stats.records}, {stats.invalid} invalid "
           f"(skip_invalid), {stats.dropped} with no completion token within "
           f"max_length={max_length}")
     return out, stats
+
+
+def per_sample_weights(row: dict) -> list[float]:
+    """``row``'s weights (1 each when it has none) divided by their sum over its predicted
+    tokens (positions 1.. whose label is not -100): each sample then adds 1 to a step's
+    normaliser (key_norm="sample")."""
+    w = row.get("weights") or [1.0] * len(row["input_ids"])
+    total = sum(v for v, t in zip(w[1:], row["labels"][1:]) if t != -100)
+    check(total > 0, "a record's key-token weights sum to 0 over its completion: give some "
+          "token a weight > 0, or drop the record")
+    return [v / total for v in w]
 
 
 def read_prompts(records: list[Record], skip_invalid: bool,
@@ -202,7 +224,19 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :k] = torch.tensor(e["labels"])
         mask[i, :k] = 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    return _with_weights(out, examples, [(i, 0) for i in range(len(examples))])
+    places = [(i, 0) for i in range(len(examples))]
+    return _with_weights(_with_completion(out, examples, places), examples, places)
+
+
+def _with_completion(batch: dict, examples: list[dict], places: list[tuple[int, int]]) -> dict:
+    """Add ``completion_tokens`` [B, S] (True from each example's ``prompt_len`` to its
+    end) when every example has ``prompt_len``."""
+    if not all("prompt_len" in e for e in examples):
+        return batch
+    c = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    for e, (row, at) in zip(examples, places):
+        c[row, at + e["prompt_len"]:at + len(e["input_ids"])] = True
+    return dict(batch, completion_tokens=c)
 
 
 def _with_weights(batch: dict, examples: list[dict], places: list[tuple[int, int]]) -> dict:
@@ -262,11 +296,9 @@ def collate_packed(examples: list[dict], pad_id: int, max_length: int,
             seg[b, at:at + k] = j
             at += k
     flat = [e for row in rows for e in row]
-    if varlen:
-        return _with_weights({"input_ids": ids, "labels": labels, "position_ids": pos}, flat,
-                             places)
-    same = seg[:, :, None] == seg[:, None, :]
-    causal = torch.ones(S, S, dtype=torch.bool).tril()
-    mask = (same & causal & (seg[:, :, None] >= 0))[:, None]
-    return _with_weights({"input_ids": ids, "labels": labels, "position_ids": pos,
-                          "attention_mask": mask}, flat, places)
+    out = {"input_ids": ids, "labels": labels, "position_ids": pos}
+    if not varlen:
+        same = seg[:, :, None] == seg[:, None, :]
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        out["attention_mask"] = (same & causal & (seg[:, :, None] >= 0))[:, None]
+    return _with_weights(_with_completion(out, flat, places), flat, places)

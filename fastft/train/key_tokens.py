@@ -1,9 +1,11 @@
 """Key-token weighted SFT (TL-Training's prioritised key tokens; METHODS.md §7).
 
 A completion's key tokens weigh w = min(N_other / N_key, max_weight) (1 when
-N_key >= N_other), the others 1, and the loss is sum(w CE) / sum(w) over the
-completion tokens of the step (the fused losses' per-row ``weights``, with the
-weights' sum as ``num_items_in_batch``). Key tokens come from the record:
+N_key >= N_other), the others 1. ``key_norm="sample"`` (the default, TL-Training's):
+each sample's loss is sum(w CE) / sum(w) over its tokens, and the step's the mean over
+its samples (data.tokenize_sft divides each record's weights by their sum);
+``"step"``: sum(w CE) / sum(w) over the completion tokens of the step. Both go through
+the fused losses' per-row ``weights``, with the weights' sum as ``num_items_in_batch``. Key tokens come from the record:
 ``"key_spans": [[start, end], ...]`` (character spans of the completion text),
 or ``"weights"`` (one number per completion token, as the tokenizer splits the
 completion; the end-of-sequence token fastft appends weighs 1); or from a rule:

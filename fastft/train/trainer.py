@@ -100,6 +100,32 @@ def build_optimizer(method, model, cfg: TrainConfig):
     return opt
 
 
+def mask_token(cfg, tokenizer) -> int:
+    """Masked Thought's replacement token: ``mask_token_id`` when named (neither the pad
+    nor the EOS token: the model must not learn to read a masked token as padding or as
+    the end), else the tokenizer's unk when it is neither, else an error that says how
+    to name one. Llama-3 and Qwen tokenizers pad with their EOS and have no unk."""
+    special: dict[int, str] = {}
+    for name, t in (("pad", tokenizer.pad_token_id), ("EOS", tokenizer.eos_token_id)):
+        if t is not None:
+            special[t] = f"{special[t]}/{name}" if t in special else name
+    tid = cfg.mask_token_id
+    if tid is not None:
+        check(tid not in special, f"mask_token_id={tid} is the tokenizer's "
+              f"{special.get(tid)} token: Masked Thought needs a token that is neither pad nor "
+              "EOS (its unk, or an unused one: --mask-token-id ID)")
+        check(tid < len(tokenizer), f"mask_token_id={tid} is outside the tokenizer's "
+              f"{len(tokenizer)} tokens")
+        return tid
+    unk = tokenizer.unk_token_id
+    why = "no unk" if unk is None else f"unk={unk} is its {special.get(unk)}"
+    check(unk is not None and unk not in special, "Masked Thought needs a mask token: this "
+          f"tokenizer has no unk token that is neither its pad nor its EOS ({why}): name one "
+          "with --mask-token-id ID (TrainConfig.mask_token_id), e.g. a reserved or unused "
+          "special token")
+    return unk
+
+
 class Trainer:
     def __init__(self, model, tokenizer, train_data, config: TrainConfig, *, reward_fn=None,
                  eval_data=None):
@@ -115,9 +141,7 @@ class Trainer:
               "tokenizer.pad_token = '<pad>' (and resize the embeddings if it is new)")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.mask_token_id = cfg.mask_token_id if cfg.mask_token_id is not None else (
-            tokenizer.unk_token_id if tokenizer.unk_token_id is not None
-            else tokenizer.pad_token_id)  # Masked Thought's replacement
+        self.mask_token_id = mask_token(cfg, tokenizer) if cfg.masked_thought > 0 else None
         self.reward_fn = reward_fn
         self.model = model.to(self.device)
         if not hasattr(model, "_fastft"):
@@ -145,10 +169,14 @@ class Trainer:
         self.global_batch = (cfg.prompts_per_step if cfg.objective == "grpo"
                              else cfg.batch_size * cfg.grad_accum) * self.dist.world
         # rows a step reads: with UDS, the candidates it scores to keep global_batch of them
-        per_step = math.ceil(self.global_batch / cfg.select_ratio) if cfg.select \
-            else self.global_batch
-        self.total_steps = cfg.max_steps or max(1, math.ceil(
-            cfg.epochs * len(self.rows) / per_step))
+        # (after uds_start_step plain steps; train/select.py)
+        if cfg.select:
+            from .select import run_steps
+
+            self.total_steps = cfg.max_steps or run_steps(cfg, self.dist.world, len(self.rows))
+        else:
+            self.total_steps = cfg.max_steps or max(1, math.ceil(
+                cfg.epochs * len(self.rows) / self.global_batch))
         self.fsdp = self._fsdp()
         # the sparse methods average their gradients themselves (see distributed.py)
         self.own_sync = self.dist.on and hasattr(self.method, "prepare_model")
@@ -184,7 +212,7 @@ class Trainer:
                 recs, self.tokenizer, max_length=self.cfg.max_length,
                 truncation=self.cfg.truncation, completion_only=self.cfg.completion_only,
                 skip_invalid=self.cfg.skip_invalid, key_tokens=self.cfg.key_tokens,
-                key_max_weight=self.cfg.key_max_weight)
+                key_max_weight=self.cfg.key_max_weight, key_norm=self.cfg.key_norm)
         if self.dist.main:  # skipped (skip_invalid), truncated, dropped: one line each
             for line in stats.lines(name, self.cfg.max_length):
                 print(line)
@@ -339,7 +367,11 @@ class Trainer:
             % 2**62)
         ids = batch["input_ids"]
         hit = torch.rand(ids.shape, generator=gen).to(ids.device) < p
-        hit &= batch["labels"] != -100  # completion tokens only (prompt and padding are -100)
+        # the completion's tokens, from the prompt/completion split (data.collate), whether
+        # the prompt is learnt (completion_only=False) or not; rows built by hand without
+        # the split: the labelled tokens
+        hit &= batch["completion_tokens"] if "completion_tokens" in batch \
+            else batch["labels"] != -100
         return dict(batch, input_ids=torch.where(hit, self.mask_token_id, ids))
 
     def _grpo_step(self):

@@ -38,6 +38,77 @@ def test_masked_thought_rate_ramp_and_untouched_labels(tmp_path):
         assert torch.equal(again["input_ids"], out["input_ids"])
 
 
+def test_masked_thought_masks_only_the_completion_when_the_prompt_is_learnt(tmp_path):
+    # completion_only=False labels the prompt too; the paper masks only the response
+    t = trainer(tmp_path, masked_thought=0.5, completion_only=False)
+    batch = data.collate(t.rows * 20, t.tokenizer.pad_token_id)
+    prompt = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    for i, r in enumerate(t.rows * 20):
+        prompt[i, :r["prompt_len"]] = True
+    assert bool(((batch["labels"] != -100) & prompt).any())  # the prompt is labelled
+    t.state["step"] = t.total_steps
+    out = t._masked_thought(batch, 0)
+    masked = out["input_ids"] != batch["input_ids"]
+    assert not bool((masked & prompt).any())
+    completion = batch["completion_tokens"]
+    assert torch.equal(completion, ~prompt & batch["attention_mask"].bool())
+    assert abs(float(masked.sum() / completion.sum()) - 0.5) < 0.03
+
+
+def test_masked_thought_on_packed_rows_masks_only_completions(tmp_path):
+    t = trainer(tmp_path, masked_thought=0.5, completion_only=False)
+    packed = data.collate_packed(t.rows, t.tokenizer.pad_token_id, max_length=64)
+    want = torch.zeros_like(packed["completion_tokens"])
+    row, at = 0, 0
+    for r in t.rows:  # the packing rule: a new row when the next example does not fit
+        if at + len(r["input_ids"]) > 64:
+            row, at = row + 1, 0
+        want[row, at + r["prompt_len"]:at + len(r["input_ids"])] = True
+        at += len(r["input_ids"])
+    assert torch.equal(packed["completion_tokens"], want)
+
+
+class PadIsEos:
+    """A tokenizer like Llama-3's and Qwen's: pad is EOS, no unk."""
+
+    def __init__(self, tok, unk=None):
+        self.tok, self.unk_token_id = tok, unk
+        self.pad_token_id = self.eos_token_id = tok.eos_token_id
+
+    def __len__(self):
+        return len(self.tok)
+
+
+def test_the_mask_token_is_unk_else_named_never_pad_or_eos():
+    from fastft.train.trainer import mask_token
+
+    _, tok = tiny_setup()
+    assert mask_token(TrainConfig(masked_thought=0.1), tok) == tok.unk_token_id
+    assert mask_token(TrainConfig(masked_thought=0.1, mask_token_id=7), tok) == 7
+    llama3 = PadIsEos(tok)
+    with pytest.raises(FastftError, match="no unk.*--mask-token-id"):
+        mask_token(TrainConfig(masked_thought=0.1), llama3)
+    with pytest.raises(FastftError, match="unk=.* is its pad/EOS.*--mask-token-id"):
+        mask_token(TrainConfig(masked_thought=0.1), PadIsEos(tok, unk=tok.eos_token_id))
+    with pytest.raises(FastftError, match="is the tokenizer's pad/EOS token"):
+        mask_token(TrainConfig(masked_thought=0.1, mask_token_id=tok.eos_token_id), llama3)
+    for bad, name in ((tok.eos_token_id, "EOS"), (tok.pad_token_id, "pad")):
+        with pytest.raises(FastftError, match=f"is the tokenizer's {name} token"):
+            mask_token(TrainConfig(masked_thought=0.1, mask_token_id=bad), tok)
+    with pytest.raises(FastftError, match="outside the tokenizer"):
+        mask_token(TrainConfig(masked_thought=0.1, mask_token_id=len(tok)), tok)
+    assert mask_token(TrainConfig(masked_thought=0.1, mask_token_id=5), llama3) == 5
+
+
+def test_a_trainer_without_a_mask_token_stops_before_training(tmp_path):
+    model, tok = tiny_setup()
+    tok.unk_token = None
+    tok.pad_token = tok.eos_token
+    with pytest.raises(FastftError, match="--mask-token-id"):
+        Trainer(model, tok, str(write_data(tmp_path)),
+                TrainConfig(masked_thought=0.2, output_dir=str(tmp_path / "r")))
+
+
 def test_masked_thought_resumes_exactly(tmp_path):
     def run(out, steps, resume=None, save_every=0):
         cfg = dict(max_steps=steps, batch_size=4, masked_thought=0.3, output_dir=str(out),
@@ -59,40 +130,85 @@ def test_key_token_weights_formula():
     assert weights_from_mask([False, False], 9.0) == [1.0, 1.0]
 
 
-def weighted_loss_by_hand(model, batch):
-    """sum(w CE) / sum(w) over the predicted tokens, on the model's own logits."""
+def weighted_ce_by_hand(model, batch):
+    """(w, CE) at the predicted tokens (0 elsewhere), on the model's own logits, with the
+    TL-Training weights min(N_other / N_key, 9) recomputed here from the key mask."""
     dev = next(model.parameters()).device
     batch = {k: v.to(dev) for k, v in batch.items()}
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits.float()
     labels = batch["labels"][:, 1:]
-    w = batch["weights"][:, 1:] * (labels != -100)
     ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
                          reduction="none")
-    return float((w * ce).sum() / w.sum())
+    return labels != -100, ce
 
 
-def test_key_token_weighted_loss_through_the_trainer(tmp_path):
-    path = tmp_path / "keys.jsonl"
-    rows = [{"prompt": "12+30=", "completion": "the answer is 42", "key_spans": [[14, 16]]},
+def key_weights_by_hand(batch, key_chars):
+    """The raw weights: min(N_other / N_key, 9) on the key tokens of each completion."""
+    labels = batch["labels"][:, 1:]
+    w = torch.zeros(labels.shape)
+    for i, keys in enumerate(key_chars):
+        comp = labels[i] != -100
+        n_comp, n_key = int(comp.sum()), len(keys)
+        w[i][comp] = 1.0
+        pos = comp.nonzero()[:, 0]
+        for p in keys:  # the p-th completion token is a key token
+            w[i, pos[p]] = min((n_comp - n_key) / n_key, 9.0)
+    return w
+
+
+KEY_ROWS = [{"prompt": "12+30=", "completion": "the answer is 42", "key_spans": [[14, 16]]},
             {"prompt": "1+1=", "completion": "it is 2"}]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+KEY_CHARS = [[14, 15], [6]]  # the digits' tokens in each completion (character tokens)
+
+
+def key_trainer(tmp_path, **cfg):
+    path = tmp_path / "keys.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in KEY_ROWS))
     model, tok = tiny_setup()
-    t = Trainer(model, tok, str(path), TrainConfig(batch_size=2, max_steps=1, lr=1e-9,
-                                                   progress=False, max_length=64, method="full",
-                                                   key_tokens=r"\d+",
-                                                   output_dir=str(tmp_path / "run")))
-    batch = data.collate(t.rows, tok.pad_token_id)
-    w = batch["weights"]
-    key = w[0] > 1.0
-    n_comp = int((batch["labels"][0] != -100).sum())
-    n_key = int(key.sum())
-    assert n_key == 2 and torch.allclose(w[0][key], torch.tensor((n_comp - n_key) / n_key))
-    assert int((w[1] > 1).sum()) == 1  # the regex marks "2" in the second
-    expect = weighted_loss_by_hand(model, batch)
+    return model, Trainer(model, tok, str(path), TrainConfig(
+        batch_size=1, grad_accum=2, max_steps=1, lr=1e-9, progress=False, max_length=64,
+        method="full", key_tokens=r"\d+", output_dir=str(tmp_path / "run"), **cfg))
+
+
+def test_key_token_loss_per_sample_is_the_mean_of_each_samples_weighted_mean(tmp_path):
+    # TL-Training (the default key_norm="sample"): sum_i(w CE) / sum_i(w) per sample, then
+    # the mean over samples; over two micro-batches of one sample each
+    model, t = key_trainer(tmp_path)
+    batch = data.collate(t.rows, t.tokenizer.pad_token_id)
+    predicted, ce = weighted_ce_by_hand(model, batch)
+    w = key_weights_by_hand(batch, KEY_CHARS)
+    per_sample = (w * ce).sum(1) / w.sum(1)
+    expect = float(per_sample.mean())
+    step_form = float((w * ce).sum() / w.sum())
+    assert abs(expect - step_form) > 1e-3  # the two forms differ on these rows
+    assert torch.allclose(batch["weights"][:, 1:] * predicted, w / w.sum(1, keepdim=True))
     loss = t.train()["final_loss"]
     assert abs(loss - expect) <= 1e-5 * abs(expect)
+
+
+def test_key_token_loss_over_the_step(tmp_path):
+    model, t = key_trainer(tmp_path, key_norm="step")
+    batch = data.collate(t.rows, t.tokenizer.pad_token_id)
+    predicted, ce = weighted_ce_by_hand(model, batch)
+    w = key_weights_by_hand(batch, KEY_CHARS)
+    assert torch.allclose(batch["weights"][:, 1:] * predicted, w)
+    expect = float((w * ce).sum() / w.sum())
+    loss = t.train()["final_loss"]
+    assert abs(loss - expect) <= 1e-5 * abs(expect)
+
+
+def test_per_sample_form_weighs_unmarked_records_as_samples_too(tmp_path):
+    # one record with key spans, one without and no regex: under "sample" both count once
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps(KEY_ROWS[0]) + "\n" + json.dumps(
+        {"prompt": "3+4=", "completion": "seven, it is"}) + "\n")
+    model, tok = tiny_setup()
+    rows, _ = data.tokenize_sft(data.read_records(str(path)), tok, max_length=64,
+                                truncation=True, completion_only=True, skip_invalid=False)
+    batch = data.collate(rows, tok.pad_token_id)
+    assert torch.allclose(data.item_weight(batch), torch.tensor(2.0))
 
 
 def test_all_ones_weights_equal_the_unweighted_loss(tmp_path):
@@ -115,6 +231,8 @@ def test_bad_recipe_values(tmp_path):
         TrainConfig(masked_thought=1.0)
     with pytest.raises(FastftError, match="is not a valid regex"):
         TrainConfig(key_tokens="(")
+    with pytest.raises(FastftError, match="key_norm must be sample or step"):
+        TrainConfig(key_norm="token")
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"prompt": "a", "completion": "bc", "weights": [1.0] * 5}) + "\n")
     model, tok = tiny_setup()
