@@ -272,7 +272,8 @@ def test_resume_with_uds_equals_the_uninterrupted_run(tmp_path):
 
 @pytest.mark.parametrize("bad", [dict(select="foo"), dict(select_ratio=0.0),
                                  dict(select_ratio=1.5), dict(uds_alpha=-1.0),
-                                 dict(uds_queue=0), dict(select="uds", objective="grpo")])
+                                 dict(uds_queue=0), dict(select="uds", objective="grpo"),
+                                 dict(uds_grouping="batch"), dict(uds_start_step=-1)])
 def test_bad_selection_settings_are_named(bad):
     with pytest.raises(FastftError, match=next(iter(bad))):
         TrainConfig(**bad)
