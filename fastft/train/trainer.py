@@ -245,6 +245,9 @@ class Trainer:
             title=f"{cfg.objective}/{cfg.loss if cfg.objective == 'sft' else cfg.loss_type}")
         if cfg.resume_from:  # the rows past the checkpoint are logged again
             log.keep_until(self.state["phase"], self.state["step"], phases)
+        # training mode, as transformers' Trainer sets it: from_pretrained returns a model in
+        # eval mode, whose dropout (LoRA's included) would otherwise stay off
+        self.model.train()
         self._initialize_method()
         t0, tokens, last = time.perf_counter(), 0, {}
         try:
