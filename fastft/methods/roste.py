@@ -173,9 +173,13 @@ class RoSTE(Hooks):
         """``rotations="adaptive"``: two no-grad passes over ``batches`` (dicts with
         input_ids and optionally attention_mask), R1 only and R1 + R2/R3/R4 everywhere; per
         layer and rotation kind the sum of MSE(W_q - W) and MSE(X_q - X) of what the rotation
-        touches (R2: V's weight rows and the V cache, o_proj's weight and input; R3: the K
-        cache; R4: down_proj's weight and input). A rotation stays on where it lowers that
-        error. Returns {kind: [layers]}; a no-op once chosen (or for other modes)."""
+        touches: R2, as the authors measure it, o_proj's weight and input, and with it the
+        weight fastft quantizes in place of their online rotation, q(H W_v) (the deployable
+        form: R2 merged into V's rows; of a fused qkv_proj only V's rows, which are the
+        only ones R2 changes; the V cache, which the authors leave out, is not counted);
+        R3: the K cache; R4: down_proj's weight and input. A rotation stays on where it
+        lowers that error. Returns {kind: [layers]}; a no-op once chosen (or for other
+        modes)."""
         rt = self.runtime(model)
         if self.chosen is not None:
             return self.chosen
@@ -214,6 +218,9 @@ class RoSTE(Hooks):
         for b in rt.layout.blocks:
             for path, kind in ((b.v_path, "r2"), (b.o_proj, "r2"), (b.down_proj, "r4")):
                 r, wq = rt.linears[path].quantized_fp32()
+                if path == b.v_path:  # V's rows (per output channel: the others' do not mix)
+                    s, e = b.v_rows
+                    r, wq = r[s:e], wq[s:e]
                 q.record(b.index, kind, f"w:{path}", r, wq)
 
     def _apply(self, rt: Runtime) -> None:

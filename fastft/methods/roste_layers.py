@@ -274,10 +274,9 @@ def roste_attention(module, query, key, value, attention_mask, *args, **kwargs):
     if q.on("kv"):
         if q.recorder is not None:
             kin = hadamard(key) if st.r3 else key
-            kq, vq = q.q(kin, "kv"), q.q(value, "kv")
-            q.record(st.layer, "r3", "k", kin, kq)
-            q.record(st.layer, "r2", "v", value, vq)
-            key, value = kq, vq
+            key = q.q(kin, "kv")
+            q.record(st.layer, "r3", "k", kin, key)
+            value = q.q(value, "kv")  # not in R2's error: the authors' term is o_proj's
         else:
             key, value = q.q(key, "kv", rotate=st.r3), q.q(value, "kv")
     elif st.r3:

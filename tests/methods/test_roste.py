@@ -209,6 +209,45 @@ def test_adaptive_keeps_a_rotation_only_where_it_lowers_the_error():
     assert again.chosen == chosen and other.model.layers[0].mlp.down_proj.r4
 
 
+@pytest.mark.parametrize("arch", ["phi3", "llama"])  # a fused qkv_proj; separate q, k, v
+def test_adaptive_r2_error_is_o_projs_weight_and_input_and_vs_rows(arch):
+    """R2's calibration error, by hand: MSE(q(W) - W) of V's rows (only those of a fused
+    qkv_proj) and of o_proj's weight, rotated per head or not, plus the mean over batches
+    of MSE(q(x) - x) of o_proj's input; nothing of the V cache."""
+    model = tiny(arch)
+    method = fastft.RoSTE(w_bits=4, a_bits=4, kv_bits=4, rotations="adaptive")
+    fastft.prepare(model, method)
+    rt = method.runtime(model)
+    with torch.no_grad():  # Q's and K's rows far larger than V's: counted, they would rule
+        for b in rt.layout.blocks:
+            w = rt.linears[b.v_path].weight
+            w[:b.v_rows[0]] *= 50.0
+    inputs = {b.index: [] for b in rt.layout.blocks}
+    for b in rt.layout.blocks:
+        rt.linears[b.o_proj].register_forward_pre_hook(
+            lambda mod, args, i=b.index: inputs[i].append(args[0].detach().clone()))
+    ids, _ = batch(B=4, S=16)
+    method.calibrate(model, [{"input_ids": ids[:2]}, {"input_ids": ids[2:]}])
+
+    def mse(a, b):
+        return float((a - b).pow(2).mean())
+
+    for b in rt.layout.blocks:
+        v = rt.linears[b.v_path].weight.detach().float()
+        o = rt.linears[b.o_proj].weight.detach().float()
+        s, e = b.v_rows
+        assert (arch == "phi3") == (s > 0)
+        for mode, xs in (("r1", inputs[b.index][:2]), ("all", inputs[b.index][2:])):
+            vr = v if mode == "r1" else rotate_rows(v, b.v_rows, b.head_dim)
+            orr = o if mode == "r1" else rotate_cols(o, b.head_dim)
+            vr = vr[s:e]
+            want = (mse(fake_quant_weight(vr, 4, False, 1.0), vr)
+                    + mse(fake_quant_weight(orr, 4, False, 1.0), orr)
+                    + sum(mse(fake_quant_act(x, 4, False, 1.0), x) for x in xs) / len(xs))
+            got = method.calibration[mode][f"r2/{b.index}"]
+            assert abs(got - want) <= 1e-6 * want, (mode, b.index, got, want)
+
+
 def _train(model, steps=2, lr=1e-2):
     ids, labels = batch()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
