@@ -8,7 +8,9 @@
 2. every linear of the decoder layers becomes a :class:`RoSTELinear` (weights per
    output channel, input activations per token, straight-through), attention runs
    through ``fastft_roste_<impl>`` (R3 on Q and K, K and V per token and head);
-3. R2 (per head, V / o_proj), R3 and R4 (down_proj's input, online, and its
+3. R2 (per head, V / o_proj; the deployable form q(H W_v), merged into V's rows,
+   where the authors train H q(W_v) x online: the float functions agree, the
+   quantized ones do not), R3 and R4 (down_proj's input, online, and its
    weight) are on everywhere (``rotations="all"``), nowhere (``"r1"``), or per
    layer where they lower the quantization error (``"adaptive"``, the default:
    :meth:`RoSTE.calibrate`, which the Trainer calls with the first
