@@ -5,8 +5,12 @@ creates until it is freed, with a category (parameters, gradients, optimizer
 state, activations, temporaries, inputs) and the module that made it; it keeps
 the peak of the live bytes and what they were at that moment. Fused ops declare
 the transient workspace their kernels use (``backends.workspace``); it counts
-toward the peak while the op runs. (torch's MemTracker does the same job but
-cannot follow a model with frozen parameters: it hooks every parameter.)
+toward the peak while the op runs. The autograd engine sums the gradients that
+reach one tensor from several uses (a tied embedding and head, a residual stream)
+in place where it holds the only reference to the first; under a dispatch mode it
+adds them out of place, and the tracker counts such a sum as the real step does
+(``_accumulation``). (torch's MemTracker does the same job but cannot follow a
+model with frozen parameters: it hooks every parameter.)
 
 ``FlopRecorder``: torch's FlopCounterMode, with every count also filed under
 (innermost module, op, phase).
@@ -15,6 +19,7 @@ cannot follow a model with frozen parameters: it hooks every parameter.)
 from __future__ import annotations
 
 import re
+import sys
 import weakref
 from collections import Counter, defaultdict
 
@@ -56,15 +61,21 @@ class MemoryTracker(TorchDispatchMode):
         self.modules = None  # a ModuleTracker (the flop recorder's), for the running module
         self.saved_by_module: Counter = Counter()  # activations alive at the end of forward
         self._workspace = 0
+        # an engine's gradient sum whose peak waits on its first operand's fate:
+        # (that operand's storage key, the live bytes by category with the sum)
+        self._pending: tuple[int, dict] | None = None
 
     # ---- bookkeeping --------------------------------------------------------------------
 
     def track(self, t: torch.Tensor, category: str, module: str | None = None,
-              move: bool = True) -> None:
+              move: bool = True, check: bool = True) -> None:
         """File the storage of ``t`` under ``category`` (if already tracked: moved there
-        when ``move``; a view an op returns stays where its storage is)."""
+        when ``move``; a view an op returns stays where its storage is). ``check=False``
+        leaves the peak to the caller."""
         if not isinstance(t, torch.Tensor) or t.device.type == "meta" and not _fake(t):
             return
+        if check:
+            self._settle()
         st = t.untyped_storage()
         key = id(st)
         entry = self.live.get(key)
@@ -79,7 +90,8 @@ class MemoryTracker(TorchDispatchMode):
         fin.atexit = False
         self.live[key] = [n, category, module, fin]
         self.current[category] += n
-        self._check_peak()
+        if check:
+            self._check_peak()
 
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
@@ -95,17 +107,35 @@ class MemoryTracker(TorchDispatchMode):
             self.peak["phase"] = self.phase
 
     def _on_workspace(self, nbytes: dict) -> None:
+        self._settle()
         self._workspace += int(nbytes[self.kind])
         self._check_peak()
 
+    def _settle(self) -> None:
+        """Decide the pending gradient sum: its first operand freed as the sum returned means
+        the engine held the only reference to it, and the real engine adds into it in place
+        (no new bytes, nothing to check); still alive, the real engine also allocates the sum
+        beside both operands, the peak it counts here."""
+        if self._pending is None:
+            return
+        key, snapshot = self._pending
+        self._pending = None
+        if key in self.live:
+            total = sum(snapshot[c] for c in CATEGORIES)
+            if total > self.peak_bytes:
+                self.peak_bytes = total
+                self.peak = dict(snapshot)
+
     def end_forward(self) -> None:
         """Note the activations alive now (saved for backward), by module."""
+        self._settle()
         self.saved_by_module = Counter()
         for n, cat, module, _ in self.live.values():
             if cat == "activations":
                 self.saved_by_module[module_pattern(module or "")] += n
 
     def detach(self) -> None:
+        self._settle()
         for entry in self.live.values():
             entry[3].detach()
         self.live.clear()
@@ -117,19 +147,84 @@ class MemoryTracker(TorchDispatchMode):
         return super().__enter__()
 
     def __exit__(self, *args):
+        self._settle()
         backends.workspace_listeners.remove(self._on_workspace)
         return super().__exit__(*args)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._settle()
         self._workspace = 0
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         self._workspace = 0
         category = "activations" if self.phase == "forward" else "temporaries"
         module = _innermost(self.modules.parents) if self.modules is not None else None
+        first = _accumulation(func, args, kwargs, out, sys._getframe().f_back)
+        if first is not None and id(first.untyped_storage()) in self.live:
+            self.track(out, category, module, move=False, check=False)
+            self._pending = (id(first.untyped_storage()),
+                             {**{c: self.current[c] for c in CATEGORIES}, "phase": self.phase})
+            return out
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t, category, module, move=False)
         return out
+
+
+def _accumulation(func, args, kwargs, out, caller) -> torch.Tensor | None:
+    """The first operand of the autograd engine's own sum of two gradients, or None.
+
+    Where several uses of a tensor send it gradients, the engine's input buffer sums them
+    (torch/csrc/autograd/input_buffer.cpp, ``accumulate``): with grad mode off it adds the
+    second into the first in place (``old.add_(new)``) when the first is a dense plain tensor
+    of which it holds the only reference, its storage included (not a view: the base holds
+    that storage too), else ``old + new``. A tensor subclass, and any tensor while a dispatch
+    mode is active (``isTensorSubclassLike``), takes the second path, so a fake trace sees
+    ``aten.add.Tensor`` where a real step allocates nothing (a tied head's and embedding's
+    [vocab, hidden] gradients: one more of them at the peak). The sum
+    is recognised as an ``add`` without ``alpha`` of two tensors shaped as its output, with
+    grad mode off, while a backward node runs, called by the engine's C++ code with no
+    Python frame (a custom Function's backward, a hook) between it and the engine's entry
+    (``caller``: the frame that called the mode). Whether the engine held the only reference
+    shows once the sum returns: the first operand is then freed (``MemoryTracker._settle``)."""
+    if func is not torch.ops.aten.add.Tensor or kwargs or len(args) != 2:
+        return None
+    first, second = args
+    if not (isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
+            and isinstance(out, torch.Tensor)):
+        return None
+    if torch.is_grad_enabled() or torch._C._current_autograd_node() is None:
+        return None
+    if first.shape != out.shape or second.shape != out.shape or first.dtype != out.dtype:
+        return None
+    if first._is_view() or not _dense(first) or not _called_by_the_engine(caller):
+        return None
+    return first
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its elements exactly once, in some order of its dimensions
+    (``is_non_overlapping_and_dense``)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+# frames of torch's own wrappers around a mode's __torch_dispatch__
+_WRAPPER_MODULES = ("torch._dynamo.", "torch._compile", "torch.utils._python_dispatch")
+
+
+def _called_by_the_engine(frame) -> bool:
+    entry = getattr(torch.autograd.graph, "_engine_run_backward", None)
+    if entry is None:
+        return False
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(
+            _WRAPPER_MODULES):
+        frame = frame.f_back
+    return frame is not None and frame.f_code is entry.__code__
 
 
 def _fake(t: torch.Tensor) -> bool:

@@ -1,7 +1,9 @@
 """fastft.profile against the real step: FLOPs, exact weight/gradient/optimizer bytes, and
 the peak within 2% of what the CPU allocator measured (the issue asks 10%)."""
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -199,3 +201,76 @@ def test_other_architectures_match_the_real_step(name):
                      kind="cpu")
     assert tr.flops_total == real["flops"]
     assert abs(tr.peak_bytes - real["peak"]) <= 0.02 * real["peak"], (tr.peak_bytes, real)
+
+
+def tied_config():
+    cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=172,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def test_tied_head_full_peak_equals_the_real_step():
+    """The tied weight's two gradients (the fused loss head's, the embedding's) meet in the
+    autograd engine, which adds the second into the first in place; under a dispatch mode it
+    adds them out of place. At 1 x 16 tokens the peak is that sum: the trace once counted a
+    third [4096, 64] fp32 tensor there (7.75 vs 6.70 MB, +15.6%; SmolLM2-135M: +5.0%)."""
+    cfg = tied_config()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
+    real = measure.real_step(model, fastft.Full(), {"input_ids": ids, "labels": ids.clone()},
+                             max_length=16)
+    tr = pstep.trace(cfg, fastft.Full(), batch_size=1, seq_len=16, dtype=torch.float32,
+                     kind="cpu")
+    assert tr.static == {k: real[k] for k in ("parameters", "gradients", "optimizer")}
+    head = 4096 * 64 * 4
+    assert abs(tr.peak_bytes - real["peak"]) <= 0.02 * head, (tr.peak_bytes, real)
+
+
+def _backward_peak(keep: bool, fake: bool) -> int:
+    """The peak bytes allocated by the backward of a weight used twice (an embedding, a
+    product), the product's gradient arriving first; ``keep``: a hook holds that gradient,
+    so the engine cannot add into it. Fake: as the MemoryTracker counts it; else as the CPU
+    allocator does."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from fastft.profile.tracker import MemoryTracker
+
+    held = []
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        w = torch.nn.Parameter(torch.zeros(1024, 256))
+        rows = torch.nn.functional.embedding(torch.arange(8), w).sum()
+        twice = w + 0  # its backward passes the gradient on as it is
+        if keep:
+            twice.register_hook(held.append)
+        loss = rows + (twice * 2).sum()
+        if fake:
+            mem = MemoryTracker("cpu")
+            mem.phase = "backward"
+            with mem:
+                loss.backward()
+            mem.detach()
+            return mem.peak_bytes
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss.backward()
+    with tempfile.TemporaryDirectory() as d:
+        prof.export_chrome_trace(f"{d}/trace.json")
+        events = [e["args"] for e in json.loads(Path(f"{d}/trace.json").read_text())[
+            "traceEvents"] if e.get("name") == "[memory]"]
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return max(e["Total Allocated"] for e in events) - start
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["summed-in-place", "first-held"])
+def test_the_engines_gradient_sum_counts_as_on_the_cpu(keep):
+    """Two gradients of one weight: added in place (two [1024, 256] tensors at the peak), or,
+    while a hook holds the first, into a new tensor (three)."""
+    unit = 1024 * 256 * 4
+    real, traced_ = _backward_peak(keep, fake=False), _backward_peak(keep, fake=True)
+    assert round(real / unit) == (3 if keep else 2)
+    assert abs(traced_ - real) <= 0.02 * unit, (traced_, real)
