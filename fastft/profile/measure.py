@@ -58,7 +58,12 @@ def real_step(model, method, batch: dict, *, max_length: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         prof.export_chrome_trace(f"{d}/trace.json")
         events = json.loads(Path(f"{d}/trace.json").read_text())["traceEvents"]
-    allocated = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
+    # "Total Allocated" need not start at 0: a tensor allocated under an earlier profiler
+    # session and freed outside it stays in the count; the step's own total is measured
+    # from the count before its first allocation
+    start = memory[0]["Total Allocated"] - memory[0]["Bytes"] if memory else 0
+    allocated = [m["Total Allocated"] - start for m in memory]
     return {"flops": fc.get_total_flops(), "peak": live + max(allocated, default=0),
             "parameters": _nbytes(list(model.parameters()) + list(model.buffers())),
             "optimizer": _nbytes(_state_tensors(opt)), "gradients": out["gradients"]}

@@ -156,18 +156,21 @@ class MemoryTracker(TorchDispatchMode):
         self._workspace = 0
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        self._workspace = 0
         category = "activations" if self.phase == "forward" else "temporaries"
         module = _innermost(self.modules.parents) if self.modules is not None else None
         first = _accumulation(func, args, kwargs, out, sys._getframe().f_back)
         if first is not None and id(first.untyped_storage()) in self.live:
+            self._workspace = 0
             self.track(out, category, module, move=False, check=False)
             self._pending = (id(first.untyped_storage()),
                              {**{c: self.current[c] for c in CATEGORIES}, "phase": self.phase})
             return out
+        # a fused op's outputs (its gradient buffers) exist beside its workspace (the logits
+        # chunk) while its kernels run: tracked before the workspace is released
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.track(t, category, module, move=False)
+        self._workspace = 0
         return out
 
 

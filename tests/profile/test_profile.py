@@ -274,3 +274,22 @@ def test_the_engines_gradient_sum_counts_as_on_the_cpu(keep):
     real, traced_ = _backward_peak(keep, fake=False), _backward_peak(keep, fake=True)
     assert round(real / unit) == (3 if keep else 2)
     assert abs(traced_ - real) <= 0.02 * unit, (traced_, real)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_loss_heads_outputs_count_beside_its_workspace(tied):
+    """With more tokens than the hidden size the peak is inside the fused loss's forward:
+    its weight-gradient buffer (an output) beside its logits chunk (workspace). The trace
+    once released the workspace before counting the outputs: one [4096, 64] fp32 tensor
+    under the real step (7.78 vs 8.84 MB at 2 x 64 tokens)."""
+    cfg = tied_config()
+    cfg.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    ids = torch.randint(0, 4096, (2, 64), generator=torch.Generator().manual_seed(0))
+    real = measure.real_step(model, fastft.Full(), {"input_ids": ids, "labels": ids.clone()},
+                             max_length=64)
+    tr = pstep.trace(cfg, fastft.Full(), batch_size=2, seq_len=64, dtype=torch.float32,
+                     kind="cpu")
+    head = 4096 * 64 * 4
+    assert abs(tr.peak_bytes - real["peak"]) <= 0.02 * head, (tr.peak_bytes, real["peak"])
