@@ -357,9 +357,11 @@ class Trainer:
                              seq_len=int(shape[1]), dtype=dtype)
 
     def _masked_thought(self, batch: dict, micro: int) -> dict:
-        """Masked Thought: completion input tokens replaced by the mask token with probability
-        p, ramping linearly to ``masked_thought`` over the first 2/3 of the steps; the
-        labels and the prompt are untouched; drawn from (seed, step, micro-batch, rank)."""
+        """Masked Thought: completion input tokens replaced by the mask token (:func:`mask_token`)
+        with probability p, ramping linearly to ``masked_thought`` over the first 2/3 of the
+        steps; the labels and the prompt are untouched (the prompt/completion split of each
+        record, also when ``completion_only=False`` labels the prompt, as the paper masks
+        only the response); drawn from (seed, step, micro-batch, rank)."""
         cfg = self.cfg
         if cfg.masked_thought <= 0:
             return batch
