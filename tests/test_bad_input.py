@@ -430,9 +430,21 @@ def test_toml_value_of_the_wrong_type_names_the_key(capsys, tmp_path):
     (["--adam-betas", "0.9,1.5"], "adam_betas must be two numbers in [0, 1)"),
     (["--sampling-temperature", "0"], "sampling_temperature must be > 0"),
     (["--objective", "grpo", "--num-generations", "1"], "num_generations must be >= 2"),
+    (["--uds-grouping", "batch"], "uds_grouping must be micro or step; got 'batch'"),
+    (["--uds-start-step", "-1"], "uds_start_step must be >= 0"),
+    (["--key-norm", "token"], "key_norm must be sample or step; got 'token'"),
 ])
 def test_bad_flag_values(capsys, flags, words):
     one_line(capsys, ["train", *flags], words)
+
+
+def test_masked_thought_with_the_pad_token_as_mask(capsys, model_dir, sft_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    pad = AutoTokenizer.from_pretrained(str(model_dir)).pad_token_id
+    one_line(capsys, train_args(model_dir, sft_data, tmp_path / "r", "--masked-thought", "0.2",
+                                "--mask-token-id", pad),
+             f"mask_token_id={pad} is the tokenizer's pad token", "--mask-token-id")
 
 
 def test_non_numeric_flag_is_argparse_usage_error(capsys):
