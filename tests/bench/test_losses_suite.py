@@ -43,3 +43,30 @@ def test_gpu_targets_ignore_the_row():
                               ("reference", 11.0, 100))]
     met = {v["target"]: v["met"] for v in targets.judge(rows)}
     assert met == {"peak <= 0.2x reference": True, "time <= reference": True}
+
+
+@pytest.mark.parametrize("head", ["train", "frozen"])
+def test_the_torch_peer_computes_fastfts_cross_entropy(monkeypatch, head):
+    """torch's chunked linear_cross_entropy row: the same loss and gradients as fastft's."""
+    import torch
+
+    got = {}
+
+    def keep(loss, *tensors):
+        loss.backward()
+        got[len(got)] = (loss.detach(), *[None if t.grad is None else t.grad.clone()
+                                           for t in tensors])
+        for t in tensors:
+            t.grad = None
+
+    monkeypatch.setattr(losses, "backward_and_clear", keep)
+    for provider in ("fastft", "torch"):
+        losses._build("cross_entropy", provider, 256, 32, 1000, "fp32", "cpu", head == "train")()
+    (a, *ga), (b, *gb) = got[0], got[1]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for x, y in zip(ga, gb):
+        assert (x is None) == (y is None)
+        if x is not None:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    assert ("torch" in [c.provider for c in losses.cases("cpu", quick=True)
+                        if c.op == "cross_entropy"])

@@ -8,7 +8,9 @@ in the inputs' dtype and fp32 logits after it, as a Hugging Face model and its
 loss compute them.
 
 Peers, where they compute the same quantity: ``liger`` (CUDA only: fused linear
-cross-entropy, DFT, GRPO) and ``trl`` (TRL's chunked LM head,
+cross-entropy, DFT, GRPO), ``torch`` (cross-entropy: torch's own chunked
+``torch.nn.functional.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, its
+chunking and accumulation chosen by torch per device and dtype) and ``trl`` (TRL's chunked LM head,
 ``trl.kernels.ChunkedLogProbFunction``, reached through ``add_fused_lm_head`` as
 TRL's trainers reach it): cross-entropy as SFTTrainer forms it, the sum of
 -log p of the labels divided by the labelled tokens (log-probs only: SFTTrainer
@@ -36,7 +38,8 @@ from ..harness import Case
 from ._common import backward_and_clear, head_inputs, needs_cuda, peer
 
 LOSSES = ("cross_entropy", "dft", "asft", "otr", "grpo")
-PEERS = {"cross_entropy": ("liger", "trl"), "dft": ("liger",), "grpo": ("liger", "trl")}
+PEERS = {"cross_entropy": ("liger", "trl", "torch"), "dft": ("liger",),
+         "grpo": ("liger", "trl")}
 # CUDA, head trained: fastft with 1024-row chunks beside the default
 BIG_CHUNKS = "fastft-1024rows"
 
@@ -150,6 +153,10 @@ def _build(loss: str, provider: str, T, H, V, dtype, device, train_head):
         return _plain(lambda: backward_and_clear(fn(h, w, y, **extra), h, w))
     if provider == "trl":
         return _trl_cross_entropy(h, w, y)
+    if provider == "torch":  # torch's own chunked head, its options at their defaults
+        opts = torch.nn.LinearCrossEntropyOptions()
+        return lambda: backward_and_clear(torch.nn.functional.linear_cross_entropy(
+            h, w, y, ignore_index=-100, options=opts), h, w)
     from liger_kernel.transformers.fused_linear_cross_entropy import (
         LigerFusedLinearCrossEntropyLoss,
     )
@@ -170,11 +177,17 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             params = dict(shape, head=head)
             for provider in ("fastft", "reference", *PEERS.get(loss, ())):
                 avail = {"liger": lambda: needs_cuda(device) or peer("liger_kernel"),
-                         "trl": lambda: peer("trl")}.get(provider, lambda: None)
+                         "trl": lambda: peer("trl"), "torch": _torch_chunked}.get(
+                    provider, lambda: None)
                 out.append(_case(loss, provider, params, dtype, device, avail))
             if device == "cuda" and head == "train" and loss in ("cross_entropy", "grpo"):
                 last.append(_case(loss, BIG_CHUNKS, params, dtype, device, lambda: None))
     return out + last  # last: a GPU check cut short loses these rows first
+
+
+def _torch_chunked():
+    return None if hasattr(torch.nn, "LinearCrossEntropyOptions") else (
+        "this torch has no chunked linear_cross_entropy (torch >= 2.13)")
 
 
 def _case(loss, provider, params, dtype, device, avail) -> Case:
