@@ -121,8 +121,18 @@ def cmd_bench(args) -> int:
         if unknown:
             raise FastftError(f"--op {','.join(unknown)} names no op of suite {args.suite}; its "
                               f"ops are: {', '.join(sorted(known))}")
+    providers = {p.strip() for p in args.provider.split(",") if p.strip()} \
+        if args.provider else None
+    if providers:
+        from .bench.harness import suite_providers
+
+        known = set().union(*(suite_providers(n, device) for n in names))
+        unknown = sorted(providers - known)
+        if unknown:
+            raise FastftError(f"--provider {','.join(unknown)} names no provider of suite "
+                              f"{args.suite}; its providers are: {', '.join(sorted(known))}")
     for name in names:
-        run_suite(name, device, args.out, quick=args.quick, ops=ops)
+        run_suite(name, device, args.out, quick=args.quick, ops=ops, providers=providers)
     print(f"\nresults: {args.out}/results.json and results.md")
     return 0
 
@@ -255,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs nothing")
     s.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     s.add_argument("--op", default=None, help="only these ops (comma-separated), e.g. grpo,otr")
+    s.add_argument("--provider", default=None,
+                   help="only these providers (comma-separated), e.g. fastft,liger; a ratio "
+                   "needs its case's plain provider too")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("train", help="train a model (no arguments: the embedded demo)",

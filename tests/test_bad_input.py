@@ -458,6 +458,8 @@ def test_non_numeric_flag_is_argparse_usage_error(capsys):
 def test_bench_op_naming_no_op(capsys, tmp_path):
     one_line(capsys, ["bench", "--suite", "losses", "--op", "crossentropy", "--out", tmp_path],
              "--op crossentropy names no op of suite losses", "cross_entropy")
+    one_line(capsys, ["bench", "--suite", "losses", "--provider", "ligr", "--out", tmp_path],
+             "--provider ligr names no provider of suite losses", "liger")
 
 
 def test_model_folder_without_a_tokenizer(capsys, tmp_path, sft_data):

@@ -3,8 +3,11 @@
 A suite (fastft/bench/suites/<name>.py) lists cases; a case builds its inputs
 and returns a function that runs the measured work once. For each case:
 
-- time: on CUDA, ``triton.testing.do_bench`` (CUDA events, median of many);
-  on CPU, a monotonic clock over repeats after a warm-up; median, p20, p80;
+- time: on CUDA, CUDA events over a count of runs (at least 25, more for a fast case
+  up to 1.5 s; the L2 cache cleared before each), with a CUDA-graph time beside it for
+  cases under 0.5 ms (``graph_median_ms``) and ``recompiled`` where Triton compiled new
+  variants while the case was timed; on CPU, a monotonic clock over repeats after a
+  warm-up; median, p20, p80, and ``reps``, the number of timed runs;
 - peak memory above the baseline taken once the inputs exist: on CUDA,
   ``torch.cuda.max_memory_allocated``; on CPU, each case runs in a fresh
   subprocess and reports its peak RSS (VmHWM, reset after the warm-up through
@@ -98,11 +101,69 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+MIN_REPS = 25  # timed runs of a CUDA case, at least
+TIME_BUDGET_MS = 1500.0  # a fast case runs more often, up to this much time (and 1000 runs)
+GRAPH_BELOW_MS = 0.5  # cases faster than this also get a CUDA-graph time
+_FLUSH = None
+
+
+def cuda_times(fn, *, min_reps: int = MIN_REPS, budget_ms: float = TIME_BUDGET_MS) -> list[float]:
+    """Milliseconds of each of n timed runs of ``fn`` (CUDA events), n from a count, not a
+    time: at least ``min_reps``, more for a fast case, up to ``budget_ms`` of runs; the
+    L2 cache cleared (a 256 MB write, outside the timed span) before each run."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    one = max(start.elapsed_time(end), 1e-3)
+    n = int(max(min_reps, min(1000, budget_ms // one)))
+    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+             for _ in range(n)]
+    for a, b in marks:
+        _FLUSH.zero_()
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in marks]
+
+
+def graph_median_ms(fn, case: Case) -> float | None:
+    """The median time of ``fn`` replayed from a CUDA graph (no launch overhead), or None
+    where it cannot be captured (a host sync, an allocation the graph cannot keep)."""
+    import triton.testing
+
+    try:
+        return round(float(triton.testing.do_bench_cudagraph(fn, rep=100)), 4)
+    except Exception as e:  # noqa: BLE001 (any capture failure: the row keeps its eager time)
+        print(f"note {case.op}/{case.provider}: no CUDA-graph time ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:120] if str(e) else ''})", file=sys.stderr, flush=True)
+        return None
+
+
+def triton_cache_entries() -> int:
+    """Compiled kernels in Triton's cache folder (one folder each): new ones while a case
+    is timed mean it compiled variants mid-run."""
+    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    try:
+        return sum(1 for p in root.iterdir() if p.is_dir())
+    except OSError:
+        return 0
+
+
 def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int = 20) -> dict:
     """Run one case in this process and return its result row."""
     from torch.utils.flop_counter import FlopCounterMode
 
     fn = case.build()
+    extra_row: dict = {}
     try:
         with FlopCounterMode(display=False) as fc:  # the warm-up run, counted
             fn()
@@ -121,9 +182,19 @@ def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int 
         fn()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        import triton.testing
-
-        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=200)
+        compiled = triton_cache_entries()
+        times = cuda_times(fn)
+        extra_row["reps"] = len(times)
+        recompiled = triton_cache_entries() - compiled
+        if recompiled > 0:  # new Triton variants compiled while timed: the time includes them
+            extra_row["recompiled"] = recompiled
+            print(f"note {case.op}/{case.provider}: {recompiled} Triton kernel(s) compiled "
+                  "during the timed runs; its time includes compilation", file=sys.stderr,
+                  flush=True)
+        q = statistics.quantiles(times, n=10, method="inclusive")
+        med, p20, p80 = statistics.median(times), q[1], q[7]
+        if med < GRAPH_BELOW_MS:  # launch overhead is a large part: the CUDA-graph time too
+            extra_row["graph_median_ms"] = graph_median_ms(fn, case)
     else:
         # Every allocation over 128 KiB gets its own mapping, returned when freed, so
         # that the RSS follows the live tensors instead of glibc's cached heap.
@@ -140,6 +211,7 @@ def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int 
             times.append((time.perf_counter() - t0) * 1e3)
         q = statistics.quantiles(times, n=10, method="inclusive")
         med, p20, p80 = statistics.median(times), q[1], q[7]
+        extra_row["reps"] = len(times)
     row = dict(op=case.op, provider=case.provider, params=case.params, dtype=case.dtype,
                device=device_name(device), median_ms=round(med, 4), p20_ms=round(p20, 4),
                p80_ms=round(p80, 4), peak_bytes=int(peak),
@@ -147,6 +219,7 @@ def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int 
                tflops=None if flops is None else
                round(flops / (med * 1e-3) / 1e12, 4) if med > 0 else 0.0,
                commit=commit())
+    row.update(extra_row)
     extra = dict(getattr(fn, "metrics", None) or {})
     if "bytes_moved" in extra and med > 0:
         extra["gbps"] = round(extra["bytes_moved"] / (med * 1e-3) / 1e9, 3)
@@ -170,15 +243,21 @@ def suite_ops(name: str, device: str) -> set[str]:
     return {case.op for case in _suite(name).cases(device, quick=True)}
 
 
+def suite_providers(name: str, device: str) -> set[str]:
+    """The provider names of a suite's cases (what ``--provider`` may name)."""
+    return {case.provider for case in _suite(name).cases(device, quick=True)}
+
+
 def suites() -> list[str]:
     here = Path(__file__).parent / "suites"
     return sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
 
 
 def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = False,
-              ops: set[str] | None = None, echo: Callable[[str], None] = print) -> list[dict]:
-    """Run the cases of a suite (those of ``ops`` when given); write results.json and
-    results.md to ``out_dir``."""
+              ops: set[str] | None = None, providers: set[str] | None = None,
+              echo: Callable[[str], None] = print) -> list[dict]:
+    """Run the cases of a suite (those of ``ops`` and ``providers`` when given); write
+    results.json and results.md to ``out_dir``."""
     module = _suite(name)
     cases = module.cases(device, quick=quick)
     declared = getattr(module, "BASELINE", {})
@@ -186,7 +265,7 @@ def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = Fals
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, case in enumerate(cases):
-        if ops and case.op not in ops:
+        if ops and case.op not in ops or providers and case.provider not in providers:
             continue
         why = case.available()
         if why:
