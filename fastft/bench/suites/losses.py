@@ -8,7 +8,8 @@ in the inputs' dtype and fp32 logits after it, as a Hugging Face model and its
 loss compute them.
 
 Peers, where they compute the same quantity: ``liger`` (CUDA only: fused linear
-cross-entropy, DFT, GRPO), ``torch`` (cross-entropy: torch's own chunked
+cross-entropy, DFT, GRPO; for cross-entropy also ``liger-fp32acc``, its head gradient
+accumulated in fp32 as fastft's is, so that memory is compared at equal precision), ``torch`` (cross-entropy: torch's own chunked
 ``torch.nn.functional.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, its
 chunking and accumulation chosen by torch per device and dtype) and ``trl`` (TRL's chunked LM head,
 ``trl.kernels.ChunkedLogProbFunction``, reached through ``add_fused_lm_head`` as
@@ -38,8 +39,9 @@ from ..harness import Case
 from ._common import backward_and_clear, head_inputs, needs_cuda, peer
 
 LOSSES = ("cross_entropy", "dft", "asft", "otr", "grpo")
-PEERS = {"cross_entropy": ("liger", "trl", "torch"), "dft": ("liger",),
+PEERS = {"cross_entropy": ("liger", "liger-fp32acc", "trl", "torch"), "dft": ("liger",),
          "grpo": ("liger", "trl")}
+LIGER_FP32 = "liger-fp32acc"  # Liger with accum_dtype=fp32: fastft's precision, its memory
 # CUDA, head trained: fastft with 1024-row chunks beside the default
 BIG_CHUNKS = "fastft-1024rows"
 
@@ -161,7 +163,9 @@ def _build(loss: str, provider: str, T, H, V, dtype, device, train_head):
         LigerFusedLinearCrossEntropyLoss,
     )
 
-    fn = LigerFusedLinearCrossEntropyLoss(use_token_scaling=loss == "dft")
+    fn = LigerFusedLinearCrossEntropyLoss(
+        use_token_scaling=loss == "dft",
+        accum_dtype=torch.float32 if provider == LIGER_FP32 else None)
     return lambda: backward_and_clear(fn(w, h, y), h, w)
 
 
@@ -177,6 +181,7 @@ def cases(device: str, quick: bool = False) -> list[Case]:
             params = dict(shape, head=head)
             for provider in ("fastft", "reference", *PEERS.get(loss, ())):
                 avail = {"liger": lambda: needs_cuda(device) or peer("liger_kernel"),
+                         LIGER_FP32: lambda: needs_cuda(device) or peer("liger_kernel"),
                          "trl": lambda: peer("trl"), "torch": _torch_chunked}.get(
                     provider, lambda: None)
                 out.append(_case(loss, provider, params, dtype, device, avail))
