@@ -2,7 +2,8 @@
 
 A fused loss op returns (row_loss [T], grad_hidden, grad_weight, *extras) and
 forms the two gradients in its forward for an upstream gradient of one on the
-summed rows. Its backward then only scales them. With both ``need_grad`` flags
+summed rows. Its backward then only scales them (fp32 in place; once: a second
+backward through one forward is an error). With both ``need_grad`` flags
 off while the inputs require gradients (reduction "none", whose upstream
 gradient differs per row), the backward instead calls the op again with the
 upstream gradient folded into the row weights.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import check
+
 # rows of a half-precision gradient scaled per block: the fp32 temporary stays near 64 MiB
 SCALE_BLOCK_ELEMENTS = 1 << 24
 
@@ -19,9 +22,13 @@ SCALE_BLOCK_ELEMENTS = 1 << 24
 def scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t * g`` (``g`` a one-element fp32 tensor) as ``dtype``, the product formed in fp32 and
     rounded once. In half precision ``g`` itself would be rounded first: GradScaler's starting
-    scale 2**16 is inf in fp16 (every gradient inf or NaN), and 0.1 is 0.10010 in bf16."""
+    scale 2**16 is inf in fp16 (every gradient inf or NaN), and 0.1 is 0.10010 in bf16.
+    An fp32 ``t`` becomes the result: scaled in place (no second [V, H] tensor), and not at
+    all when ``g`` is 1 on the CPU (read there without a device sync)."""
     if t.dtype == dtype == torch.float32:
-        return t * g
+        if g.device.type == "cpu" and float(g) == 1.0:
+            return t
+        return t.mul_(g)
     t = t.contiguous()  # blocks: an fp16 head's fp32 gradient (2 GiB at V=128256) gets no copy
     out = torch.empty_like(t, dtype=dtype)
     flat, dst = t.view(t.shape[0], -1), out.view(t.shape[0], -1)
@@ -53,6 +60,13 @@ def register(op, *, row_weights: int, need_hidden: int, need_weight: int) -> Non
         if g_rows is None:
             return (None,) * n
         if ctx.in_forward:
+            # the gradients were formed in the forward and are scaled in place here: a second
+            # backward through the same forward would scale them twice
+            check(not getattr(ctx, "consumed", False), "a fused fastft loss was backpropagated "
+                  "twice (backward(retain_graph=True), then backward again): its gradients "
+                  "are formed in the forward and used up by the first backward; run the "
+                  "forward again for each backward, or sum the losses and call backward once")
+            ctx.consumed = True
             gh, gw = ctx.saved_tensors
             # The caller summed the rows: the upstream gradient is one number for all.
             g = g_rows.reshape(-1)[:1].to(torch.float32)

@@ -73,3 +73,29 @@ def test_under_fp16_autocast_with_an_fp32_head_and_gradscalers_scale(backend, de
     assert torch.isfinite(gh).all() and torch.isfinite(gw).all()
     assert rel_err(gh, eh.half()) < 2e-3, loss
     assert rel_err(gw, ew.half()) < 2e-3, loss  # the cast's backward: fp16, then fp32
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_fp32_gradients_are_scaled_in_place_and_a_second_backward_is_refused(backend, device,
+                                                                            scale):
+    """The op's own gradient buffers become the gradients (scaled in place; as they are for
+    an upstream gradient of one): no second [V, H] tensor in the backward, and a second
+    backward through the same forward, which would scale them again, raises."""
+    h, w, y = head_inputs(61, 32, 5003, torch.float32, ignore_every=5, seed=3, device=device)
+    h.requires_grad_()
+    w.requires_grad_()
+    if backend == "reference":
+        pytest.skip("the reference backend does not run the fused op")
+    norm = torch.ones((), device=h.device)  # reduction "sum"
+    rows, gh, gw = torch.ops.fastft.linear_cross_entropy(
+        h, w, y, None, norm, -100, 0.0, 0.0, 0.0, 1.0, False, None, None, 0.0, True, True)
+    before = gw.clone()
+    out = rows.sum() * scale
+    out.backward(retain_graph=True)
+    assert torch.equal(w.grad, before * scale)
+    assert torch.equal(gw, before * scale)  # the buffer itself was scaled
+    want_h, want_w = torch.autograd.grad(ref.cross_entropy(h, w, y, reduction="sum") * scale,
+                                         (h, w))
+    assert rel_err(w.grad, want_w) < 1e-5 and rel_err(h.grad, want_h) < 1e-5
+    with pytest.raises(fastft.FastftError, match="backpropagated twice.*retain_graph"):
+        out.backward()
