@@ -24,9 +24,10 @@ def scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     rounded once. In half precision ``g`` itself would be rounded first: GradScaler's starting
     scale 2**16 is inf in fp16 (every gradient inf or NaN), and 0.1 is 0.10010 in bf16.
     An fp32 ``t`` becomes the result: scaled in place (no second [V, H] tensor), and not at
-    all when ``g`` is 1 on the CPU (read there without a device sync)."""
+    all when ``g`` is 1 on the CPU (read there without a device sync; not while traced)."""
     if t.dtype == dtype == torch.float32:
-        if g.device.type == "cpu" and float(g) == 1.0:
+        # a plain CPU tensor reads without a device sync (a fake or traced one has no value)
+        if type(g) is torch.Tensor and g.device.type == "cpu" and float(g) == 1.0:
             return t
         return t.mul_(g)
     t = t.contiguous()  # blocks: an fp16 head's fp32 gradient (2 GiB at V=128256) gets no copy
