@@ -13,6 +13,9 @@ and returns a function that runs the measured work once. For each case:
   subprocess and reports its peak RSS (VmHWM, reset after the warm-up through
   /proc/self/clear_refs) above the RSS before the measured run;
 - FLOPs by ``torch.utils.flop_counter.FlopCounterMode`` over the warm-up run;
+- with ``FASTFT_BENCH_REHEARSAL=1`` (the device check's CPU rehearsal), CPU cases run in
+  this process with 3 timed runs each: a check that every case runs, not a measurement
+  (its rows carry ``"rehearsal": true``);
 - numbers the case computes itself (the run function's ``metrics`` dict, e.g.
   ``bytes_moved`` or ``state_bytes``) join the row; with ``bytes_moved`` the row
   also gets ``gbps``, the achieved bandwidth, and with ``tokens`` (a training
@@ -261,6 +264,7 @@ def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = Fals
     module = _suite(name)
     cases = module.cases(device, quick=quick)
     declared = getattr(module, "BASELINE", {})
+    rehearsal = os.environ.get("FASTFT_BENCH_REHEARSAL") == "1"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -273,8 +277,13 @@ def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = Fals
             continue
         echo(f"run  {case.op}/{case.provider} {case.params} {case.dtype}")
         try:
-            row = _run_in_subprocess(name, i, device, quick) if device == "cpu" \
-                else measure(case, device)
+            if rehearsal:
+                row = measure(case, device, min_seconds=0.0, max_reps=3)
+                row["rehearsal"] = True
+            elif device == "cpu":
+                row = _run_in_subprocess(name, i, device, quick)
+            else:
+                row = measure(case, device)
         except Exception as e:  # one failing case (a peer, out of memory) must not end the suite
             echo(f"FAIL {case.op}/{case.provider}: {type(e).__name__}: {str(e)[-500:]}")
             continue
