@@ -11,8 +11,9 @@ Targets, per (op, params, dtype) measured on CUDA:
 - lora_linear (forward + backward): fastft time <= 1.10x the frozen base
   GEMMs alone, and at least 1.3x faster than the plain composition.
 - sparse_adamw_step at 5% density (the Triton SparseAdamW step as the trainer
-  runs it): achieved bandwidth for the bytes it must move >= 0.7x that of a
-  plain tensor copy of the same bytes (``gbps`` rows of the sparse suite).
+  runs it): achieved bandwidth for the bytes the DRAM moves (64-byte segments
+  touched, not the entries' own bytes) >= 0.7x that of a plain tensor copy of the
+  same bytes (``gbps`` rows of the sparse suite).
 - hadamard (bf16, 8192 rows): time within 1.2x of a copy of the same bytes for
   n <= 8192; rotate_fake_quant: within 1.3x of that copy; a RoSTE training step
   (W4A4KV4, all rotations) at most 1.3x the plain bf16 step.

@@ -14,12 +14,16 @@ Providers:
 - ``copy``: a plain tensor copy moving as many bytes as ``fastft``'s step (half
   read, half written): the bandwidth this device reaches on a copy of that size.
 
-``bytes_moved`` is the memory traffic a step cannot avoid: per trained entry,
-its index, its gradient (compact fp32, or, gathering from ``.grad``, each
-32-byte sector of the dense gradient holding a trained entry) and m, v (read
-and written); per 32-byte sector of the weight holding a trained entry, the
-sector read and written. ``useful_bytes`` counts the entries' own bytes only.
-``gbps`` = bytes_moved / time; the GPU target compares it with ``copy``'s.
+``bytes_moved`` is the traffic the DRAM really moves in a step: per trained entry, its
+index and m, v (read and written: compact arrays, read in order) and its compact fp32
+gradient, or, gathering from ``.grad``, each 64-byte segment of the dense gradient that
+holds a trained entry; per 64-byte segment of the weight that holds a trained entry, the
+segment read and written. 64 bytes is what a DRAM access moves (an HBM burst, a CPU cache
+line): at 5% random density a bf16 weight has 32 entries per segment, so 1 - 0.95^32 = 81%
+of its segments are touched and the step moves most of the weight, not 5% of it.
+``sector_bytes`` is the same count on 32-byte sectors (the L2's granularity) and
+``useful_bytes`` the entries' own bytes only. ``gbps`` = bytes_moved / time; the GPU
+target compares it with ``copy``'s.
 
 op ``optimizer_state`` (params: model, dtype; CPU runs only, as it does not
 depend on the device): bytes of optimizer state after a step, per method, over
@@ -43,7 +47,8 @@ from ..harness import Case
 from ._common import DTYPES
 
 DENSITIES = (0.01, 0.05, 0.5)
-SECTOR = 32  # bytes: the GPU's memory transaction granularity
+SECTOR = 32  # bytes: an L2 transaction
+SEGMENT = 64  # bytes: a DRAM access (HBM burst, CPU cache line)
 STEP_PROVIDERS = ("fastft", "fastft_dense_grad", "torch_path", "dense_adamw", "copy")
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256)
@@ -78,22 +83,28 @@ def _tensors(shapes, density, dtype, device, seed=0):
     return params, grads, masks
 
 
-def _sectors(idx: torch.Tensor, elem: int) -> int:
-    return int(torch.unique(idx.long() * elem // SECTOR).numel())
+def _segments(idx: torch.Tensor, elem: int, size: int) -> int:
+    """How many ``size``-byte pieces of a tensor of ``elem``-byte entries hold an entry of
+    ``idx``."""
+    return int(torch.unique(idx.long() * elem // size).numel())
 
 
 def step_bytes(opt: SparseAdamW, compact: bool, grad_elem: int) -> dict:
-    """{bytes_moved, useful_bytes, entries} of one SparseAdamW step (see the module doc)."""
-    moved = useful = entries = 0
+    """{bytes_moved, sector_bytes, useful_bytes, entries} of one SparseAdamW step (see the
+    module doc)."""
+    moved = {SEGMENT: 0, SECTOR: 0}
+    useful = entries = 0
     for i, p in enumerate(opt.params):
         idx = opt.indices(i)
         k, we, ie = idx.numel(), p.element_size(), idx.element_size()
         ge = 4 if compact else grad_elem
         entries += k
         useful += k * (ie + ge + 16 + 2 * we)
-        moved += k * (ie + 16) + 2 * SECTOR * _sectors(idx, we)
-        moved += k * 4 if compact else SECTOR * _sectors(idx, ge)
-    return dict(bytes_moved=moved, useful_bytes=useful, entries=entries)
+        for size in moved:
+            moved[size] += k * (ie + 16) + 2 * size * _segments(idx, we, size)
+            moved[size] += k * 4 if compact else size * _segments(idx, ge, size)
+    return dict(bytes_moved=moved[SEGMENT], sector_bytes=moved[SECTOR], useful_bytes=useful,
+                entries=entries)
 
 
 def _build_step(provider, shapes, density, dtype, device):
@@ -105,7 +116,8 @@ def _build_step(provider, shapes, density, dtype, device):
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
         per = 7 * params[0].element_size()  # w, m, v read and written, g read (state: w's dtype)
         fn = lambda: opt.step()  # noqa: E731
-        fn.metrics = dict(bytes_moved=numel * per, useful_bytes=numel * per, entries=numel)
+        fn.metrics = dict(bytes_moved=numel * per, sector_bytes=numel * per,
+                          useful_bytes=numel * per, entries=numel)
         return fn
     opt = SparseAdamW(params, masks, lr=1e-4)
     compact = provider != "fastft_dense_grad"
