@@ -15,28 +15,23 @@ import torch
 
 from ..errors import check
 
-# rows of a half-precision gradient scaled per block: the fp32 temporary stays near 64 MiB
-SCALE_BLOCK_ELEMENTS = 1 << 24
-
-
 def scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t * g`` (``g`` a one-element fp32 tensor) as ``dtype``, the product formed in fp32 and
-    rounded once. In half precision ``g`` itself would be rounded first: GradScaler's starting
-    scale 2**16 is inf in fp16 (every gradient inf or NaN), and 0.1 is 0.10010 in bf16.
-    An fp32 ``t`` becomes the result: scaled in place (no second [V, H] tensor), and not at
-    all when ``g`` is 1 on the CPU (read there without a device sync; not while traced)."""
-    if t.dtype == dtype == torch.float32:
+    rounded once, in one pass (read ``t``, write the result: no temporary). In half
+    precision ``g`` itself would be rounded first: GradScaler's starting scale 2**16 is inf
+    in fp16 (every gradient inf or NaN), and 0.1 is 0.10010 in bf16. The head's gradient
+    comes from the forward in fp32 for every head dtype, so its conversion to a half head's
+    dtype is this same pass. A ``t`` already in ``dtype`` (fp32, or a bf16 head's gradient
+    accumulated in bf16) becomes the result: scaled in place (no second [V, H] tensor), and
+    not at all when ``g`` is 1 on the CPU (read there without a device sync; not while
+    traced)."""
+    if t.dtype == dtype:  # in place, the product in fp32 (g is fp32) rounded once
         # a plain CPU tensor reads without a device sync (a fake or traced one has no value)
         if type(g) is torch.Tensor and g.device.type == "cpu" and float(g) == 1.0:
             return t
         return t.mul_(g)
-    t = t.contiguous()  # blocks: an fp16 head's fp32 gradient (2 GiB at V=128256) gets no copy
-    out = torch.empty_like(t, dtype=dtype)
-    flat, dst = t.view(t.shape[0], -1), out.view(t.shape[0], -1)
-    rows = max(1, SCALE_BLOCK_ELEMENTS // max(1, flat.shape[1]))
-    for i in range(0, flat.shape[0], rows):
-        dst[i:i + rows].copy_(flat[i:i + rows].float() * g)
-    return out
+    out = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+    return torch.mul(t, g, out=out)  # computed in fp32 (g is fp32), rounded once into out
 
 
 def register(op, *, row_weights: int, need_hidden: int, need_weight: int) -> None:

@@ -7,7 +7,11 @@ For a chunk of C rows of the hidden states h [T, H] and the head W [V, H]:
 3. the loss's own per-row formula (small [C] tensors, plain torch) gives the
    per-row loss and the coefficients c, u, w of dz = (c p + u - sum_j w_j e_j) ds/dz;
 4. the row-grad kernel writes dz over the chunk;
-5. grad_h[c] = dz W and grad_W += dz^T h_c (GEMMs, fp32 accumulation).
+5. grad_h[c] = dz W (a GEMM, fp32 accumulation);
+6. grad_W += dz^T h over the rows of several chunks at once (:func:`grad_w_rows`, at least
+   1024 on a GPU): each such GEMM reads and writes the whole fp32 [V, H] accumulator, so a
+   K of one chunk's rows (512 at T = 8192 on Llama-3's head) would spend a pass over it
+   per chunk.
 
 Only one chunk of logits exists at a time: the memory ceiling is C x V, not
 T x V. The row kernels come from the chosen backend (Triton, C++ or torch).
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
+from ..errors import FastftError
 from . import gemm
 
 # On the CPU a chunk holds at least this many logits (64 MiB in fp32): the GEMMs of skinny
@@ -40,6 +45,40 @@ def chunk_rows(T: int, V: int, H: int, *, cpu: bool = False) -> int:
         floor = 1 << (max(1, CPU_MIN_LOGITS // max(V, 1)).bit_length() - 1)
         rows = max(rows, min(floor, max(128, T // 8)))
     return max(1, min(T, max(128, rows)))
+
+
+# Rows of dz behind each head-gradient GEMM on a GPU. A GEMM of K rows does 2 K V H FLOPs
+# and reads and writes the V x H fp32 accumulator (8 V H bytes): K / 4 FLOP per byte. The
+# H100's and H200's bf16 balance points are about 200-300 FLOP per byte; 1024 rows reach
+# 256, where one chunk (T*H/V rows rounded up to a power of two: 512 at T = 8192 and
+# Llama-3's 128256 x 4096) reaches half that. The CPU's chunks are large already.
+GPU_GRAD_W_ROWS = 1024
+
+
+def grad_w_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype grad_W is accumulated (and handed to the backward) in. fp32 by default,
+    whatever the head's dtype: exact to fp32 rounding, at V x H x 4 bytes (2 GiB for
+    Llama-3's 128256 x 4096 head). ``FASTFT_LOSS_GRAD_W_DTYPE=bf16`` bounds it to half that
+    for a bf16 head, as Liger Kernel does: each head-gradient GEMM (1024 rows or more on a
+    GPU) rounds the running sum to bf16 once, and the backward scales it in place. fp32 and
+    fp16 heads keep the fp32 sum (fp16's range cannot hold it)."""
+    name = os.environ.get("FASTFT_LOSS_GRAD_W_DTYPE", "fp32").strip().lower()
+    if name not in ("fp32", "bf16"):
+        raise FastftError(f"FASTFT_LOSS_GRAD_W_DTYPE={name!r}: use fp32 (exact, the default) or "
+                          "bf16 (half the memory for a bf16 head, as Liger Kernel accumulates)")
+    if name == "bf16" and weight_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return torch.float32
+
+
+def grad_w_rows(T: int, step: int, *, cpu: bool = False) -> int:
+    """Rows of dz per head-gradient GEMM: a multiple of the chunk rows ``step``, at least
+    ``FASTFT_LOSS_GRAD_W_ROWS`` (default 1024 on a GPU, one chunk on the CPU), at most
+    what T needs."""
+    env = os.environ.get("FASTFT_LOSS_GRAD_W_ROWS")
+    want = int(env) if env else (step if cpu else GPU_GRAD_W_ROWS)
+    chunks = max(1, -(-max(want, step) // step))
+    return min(chunks, max(1, -(-T // step))) * step
 
 
 class Head:
@@ -74,9 +113,13 @@ class Head:
 
     def accumulate_grad_weight(self, acc: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor,
                                dz_scale: torch.Tensor | None = None):
-        """acc += dz^T h_c; a row scale of dz moves onto h_c's rows."""
+        """acc += dz^T h_c; a row scale of dz moves onto h_c's rows. A bf16 ``acc`` (the
+        bounded-memory option) takes each GEMM's fp32 sum rounded once."""
         if dz_scale is not None:
             h_c = (h_c.float() * dz_scale[:, None]).to(h_c.dtype)
+        if acc.dtype != torch.float32:
+            acc.addmm_(dz.t().to(acc.dtype), h_c.to(acc.dtype))
+            return
         gemm.addmm_f32_(acc, dz.t(), h_c)
 
 
@@ -113,18 +156,23 @@ def fake_outputs(hidden: torch.Tensor, weight: torch.Tensor, need_grad_hidden: b
     # the chunk's fp32 logits (and the reference's); the CPU runs larger chunks
     cuda = rows * V * 4 * (2 if ref else 1)
     cpu = cpu_rows * V * 4 * (2 if ref else 1)
-    if weight.dtype != torch.float32:
+    gw_rows = grad_w_rows(T, rows) if need_grad_weight else rows
+    if gw_rows > rows:  # dz of several chunks, in the head's dtype, behind each grad_W GEMM
+        cuda += gw_rows * V * weight.element_size()
+    elif weight.dtype != torch.float32:
         cuda += rows * V * weight.element_size()  # dz in the head's dtype beside the logits
+    cpu_gw = grad_w_rows(T, cpu_rows, cpu=True) if need_grad_weight else cpu_rows
+    if cpu_gw > cpu_rows:
+        cpu += cpu_gw * V * 4
+    if weight.dtype != torch.float32:
         cpu += V * H * 4  # the CPU upcasts the head once per call
-        if need_grad_weight and grad_dtype(weight.dtype) != torch.float32:
-            cuda += V * H * 4  # the fp32 accumulator of grad_W, cast at the end (fp16: it
-            cpu += V * H * 4  # is the output itself)
+    # grad_W's accumulator is the output itself (the backward casts it as it scales)
     work = {"cuda": cuda, "cpu": cpu}
     backends.workspace(work)
     return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
             torch.empty_like(hidden, dtype=grad_dtype(hidden.dtype)) if need_grad_hidden
             else hidden.new_empty(0),
-            torch.empty_like(weight, dtype=grad_dtype(weight.dtype)) if need_grad_weight
+            torch.empty_like(weight, dtype=grad_w_dtype(weight.dtype)) if need_grad_weight
             else hidden.new_empty(0))
 
 
@@ -161,7 +209,9 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
         temperature: float, need_grad_hidden: bool, need_grad_weight: bool,
         want_sum: bool = False, want_entropy: bool = False, ref=None,
         row_scale: torch.Tensor | None = None):
-    """Run the chunk loop. Returns (row_loss [T], grad_hidden or None, grad_weight or None).
+    """Run the chunk loop. Returns (row_loss [T], grad_hidden or None, grad_weight or None:
+    in :func:`grad_w_dtype`, fp32 by default whatever the head's dtype, for the backward to
+    scale and cast in one pass).
 
     ``rows``: the backend's row-kernel module (``row_stats``, ``row_grad``).
     ``idx``: the vocabulary entries to gather per row, an int64 [T, J] tensor (-1
@@ -186,12 +236,16 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
     row_loss = torch.empty(T, device=hidden.device, dtype=torch.float32)
     grad_h = torch.empty_like(hidden, dtype=grad_dtype(hidden.dtype)) \
         if need_grad_hidden else None
-    acc_w = torch.zeros(V, H, device=weight.device, dtype=torch.float32) if need_grad_weight \
-        else None
+    acc_w = torch.zeros(V, H, device=weight.device, dtype=grad_w_dtype(weight.dtype)) \
+        if need_grad_weight else None
     need_dz = need_grad_hidden or need_grad_weight
     cpu = hidden.device.type == "cpu"
     step = chunk_rows(T, V, H, cpu=cpu)
+    # grad_W's GEMM runs over the dz of ``gw_rows`` rows (several chunks) at once
+    gw_rows = grad_w_rows(T, step, cpu=cpu) if need_grad_weight else step
+    group = gw_rows > step
     dz_buf = None
+    gw_start, gw_scales = 0, []  # the rows of dz_buf not yet in grad_W, and their dz scales
     unit = None  # grad_W's unit with an fp16 dz (a device scalar: no host sync)
     if need_grad_weight and head.grad_dtype in HALF_RANGE_DTYPES:
         unit = torch.ones((), device=hidden.device)
@@ -219,12 +273,12 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
         co = coeffs(start, end, stats, idx_c)
         dz = None
         if need_dz:
-            if z.dtype == head.grad_dtype:
+            if z.dtype == head.grad_dtype and not group:
                 dz = z  # written in place
             else:
                 if dz_buf is None:
-                    dz_buf = torch.empty(step, V, device=z.device, dtype=head.grad_dtype)
-                dz = dz_buf[: end - start]
+                    dz_buf = torch.empty(gw_rows, V, device=z.device, dtype=head.grad_dtype)
+                dz = dz_buf[start - gw_start: end - gw_start]
         g, dz_scale = co, None  # the coefficients dz is written with
         if dz is not None and dz.dtype in HALF_RANGE_DTYPES:
             g, dz_scale = co.normalised()
@@ -243,12 +297,16 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
         if need_grad_hidden:
             head.grad_hidden(dz, grad_h[start:end], dz_scale)
         if need_grad_weight:
-            head.accumulate_grad_weight(acc_w, dz, h_c,
-                                        None if dz_scale is None else dz_scale / unit)
+            if dz_scale is not None:
+                gw_scales.append(dz_scale / unit)
+            if end - gw_start == gw_rows or end == T:  # dz_buf full, or the last chunk
+                head.accumulate_grad_weight(
+                    acc_w, dz_buf[: end - gw_start] if group else dz, hidden[gw_start:end],
+                    torch.cat(gw_scales) if gw_scales else None)
+                gw_start, gw_scales = end, []
         del z, dz, ref_c
-    grad_w = None
-    if need_grad_weight:
-        if unit is not None:
-            acc_w.mul_(unit)
-        grad_w = acc_w if grad_dtype(weight.dtype) == torch.float32 else acc_w.to(weight.dtype)
-    return row_loss, grad_h, grad_w
+    # grad_W stays the accumulator (fp32 by default, whatever the head's dtype): the backward
+    # scales it by the upstream gradient and casts it in one pass (fused_autograd.scaled)
+    if need_grad_weight and unit is not None:
+        acc_w.mul_(unit)
+    return row_loss, grad_h, acc_w

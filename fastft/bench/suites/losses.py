@@ -19,10 +19,11 @@ also asks the head for entropy and top-1 flags, which the ``step`` suite measure
 and GRPO as GRPOTrainer's ``_compute_loss`` forms it (log-probs and entropy from
 the head, then its clipped loss and KL in PyTorch).
 
-On CUDA with the head trained, ``fastft-1024rows`` is fastft with FASTFT_LOSS_CHUNK=1024:
-each chunk's grad_W GEMM reads and writes the whole fp32 accumulator, and larger chunks
-make fewer passes over it for more chunk memory (the default keeps a chunk near the size
-of the hidden states).
+On CUDA with the head trained, ``fastft-1024rows`` is fastft with FASTFT_LOSS_CHUNK=1024
+(larger logits chunks; the default keeps a chunk near the size of the hidden states, and
+the head-gradient GEMM runs over 1024 rows of dz either way), and, for cross-entropy,
+``fastft-bf16acc`` is fastft with FASTFT_LOSS_GRAD_W_DTYPE=bf16 (the head's gradient
+accumulated in bf16, as Liger's default does: the bounded-memory option).
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ LOSSES = ("cross_entropy", "dft", "asft", "otr", "grpo")
 PEERS = {"cross_entropy": ("liger", "liger-fp32acc", "trl", "torch"), "dft": ("liger",),
          "grpo": ("liger", "trl")}
 LIGER_FP32 = "liger-fp32acc"  # Liger with accum_dtype=fp32: fastft's precision, its memory
-# CUDA, head trained: fastft with 1024-row chunks beside the default
+# CUDA, head trained: fastft with 1024-row chunks, and with a bf16 head-gradient sum
 BIG_CHUNKS = "fastft-1024rows"
+BF16_ACC = "fastft-bf16acc"
 
 
 def _shapes(device: str, quick: bool):
@@ -108,24 +110,28 @@ def _trl_grpo(hidden, w, tokens, mask, adv, old, ref_lp, *, beta):
     return lambda: backward_and_clear(compute(dict(inputs)), hidden, model.lm_head.weight)
 
 
-def _with_chunk(run, rows: int):
-    """``run`` with FASTFT_LOSS_CHUNK=rows."""
+def _with_env(run, name: str, value: str):
+    """``run`` with the environment variable ``name`` set to ``value``."""
     def timed():
-        before = os.environ.get("FASTFT_LOSS_CHUNK")
-        os.environ["FASTFT_LOSS_CHUNK"] = str(rows)
+        before = os.environ.get(name)
+        os.environ[name] = value
         try:
             run()
         finally:
             if before is None:
-                del os.environ["FASTFT_LOSS_CHUNK"]
+                del os.environ[name]
             else:
-                os.environ["FASTFT_LOSS_CHUNK"] = before
+                os.environ[name] = before
     return timed
 
 
 def _build(loss: str, provider: str, T, H, V, dtype, device, train_head):
     if provider == BIG_CHUNKS:
-        return _with_chunk(_build(loss, "fastft", T, H, V, dtype, device, train_head), 1024)
+        return _with_env(_build(loss, "fastft", T, H, V, dtype, device, train_head),
+                         "FASTFT_LOSS_CHUNK", "1024")
+    if provider == BF16_ACC:
+        return _with_env(_build(loss, "fastft", T, H, V, dtype, device, train_head),
+                         "FASTFT_LOSS_GRAD_W_DTYPE", "bf16")
     h, w, y = head_inputs(T, H, V, dtype, device, train_head=train_head)
     ref_h = (h.detach() + 0.1 * torch.randn_like(h)) if loss == "asft" else None
     if loss == "grpo":
@@ -185,6 +191,8 @@ def cases(device: str, quick: bool = False) -> list[Case]:
                          "trl": lambda: peer("trl"), "torch": _torch_chunked}.get(
                     provider, lambda: None)
                 out.append(_case(loss, provider, params, dtype, device, avail))
+            if device == "cuda" and head == "train" and loss == "cross_entropy":
+                out.append(_case(loss, BF16_ACC, params, dtype, device, lambda: None))
             if device == "cuda" and head == "train" and loss in ("cross_entropy", "grpo"):
                 last.append(_case(loss, BIG_CHUNKS, params, dtype, device, lambda: None))
     return out + last  # last: a GPU check cut short loses these rows first
