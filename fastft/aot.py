@@ -4,8 +4,9 @@ Each Triton kernel file lists, in ``aot_specs()``, every (kernel, signature,
 constexprs, options) it launches. Each is compiled with ``triton.compile`` for
 each target arch on this machine (no GPU needed; Triton ships ptxas), and the
 cubin's resources are read with Triton's cuobjdump: registers and local memory
-(spills), plus the shared memory Triton allocates. Matrix kernels must show ``wgmma`` in their
-sm_90 PTX. CUDA sources in csrc/ are compiled with nvcc for the same archs.
+(spills), plus the shared memory Triton allocates, and static counts of the SASS (every
+instruction, the global loads and how many are vector loads, the asynchronous copies).
+Matrix kernels must show ``wgmma`` in their sm_90 PTX. CUDA sources in csrc/ are compiled with nvcc for the same archs.
 A row fails on a compile error, any spill, or shared memory over the limit.
 """
 
@@ -46,6 +47,28 @@ def cubin_resources(cubin: bytes) -> dict:
                 local_bytes=int(m.group(4)))
 
 
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
+
+
+def sass_counts(cubin: bytes) -> dict:
+    """Static instruction counts of a cubin's SASS (cuobjdump -sass): every instruction,
+    the global loads (``ldg``) and how many of them are vector loads of 64 or 128 bits
+    (``ldg_vector``: a tile read row by row as scalars shows up here as a low share), and
+    the asynchronous copies to shared memory (``async_copies``: cp.async LDGSTS and TMA
+    UTMALDG, the pipelined loads of a GEMM's K loop)."""
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "k.cubin"
+        p.write_bytes(cubin)
+        proc = subprocess.run([_cuobjdump(), "-sass", str(p)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cuobjdump -sass: {(proc.stderr or proc.stdout).strip()[-300:]}")
+    ops = _SASS_OP.findall(proc.stdout)
+    ldg = [o for o in ops if o.startswith("LDG.") or o == "LDG"]
+    return dict(instructions=len(ops), ldg=len(ldg),
+                ldg_vector=sum(1 for o in ldg if ".64" in o or ".128" in o),
+                async_copies=sum(1 for o in ops if o.startswith(("LDGSTS", "UTMALDG"))))
+
+
 def compile_spec(spec: dict, arch: str) -> dict:
     """Compile one Triton spec for ``arch``; return its report row."""
     import triton
@@ -54,7 +77,8 @@ def compile_spec(spec: dict, arch: str) -> dict:
 
     num = int(arch.split("_")[1])
     row = dict(kernel=spec["name"], config=spec["config"], arch=arch, registers=0,
-               spill_bytes=0, shared_bytes=0, wgmma="-", ok=True, error="")
+               spill_bytes=0, shared_bytes=0, wgmma="-", instructions=0, ldg=0,
+               ldg_vector=0, async_copies=0, ok=True, error="")
     # As Triton's launcher specialises them at run time: integer arguments equal to 1
     # become constants, and pointers/integers divisible by 16 are marked so.
     fn = spec["kernel"]
@@ -83,6 +107,11 @@ def compile_spec(spec: dict, arch: str) -> dict:
         row.update(ok=False, error=str(e))
         return row
     row["registers"] = res["registers"]
+    try:
+        row.update(sass_counts(compiled.asm["cubin"]))
+    except RuntimeError as e:
+        row.update(ok=False, error=str(e))
+        return row
     # Local memory per thread: register spills (and arrays the compiler could not keep
     # in registers); either is a kernel that will not run at speed.
     row["spill_bytes"] = res["local_bytes"]

@@ -78,7 +78,8 @@ def cmd_check_kernels(args) -> int:
         r["status"] = "ok" if r["ok"] else ("FAIL: " + r["error"] if r["ok"] is False
                                            else "skipped: " + r["error"])
     print(_table(rows, ["file", "kernel", "config", "arch", "registers", "spill_bytes",
-                        "shared_bytes", "wgmma", "status"]))
+                        "shared_bytes", "wgmma", "instructions", "ldg", "ldg_vector",
+                        "async_copies", "status"]))
     failed = [r for r in rows if r["ok"] is False]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} compiled clean for {', '.join(archs)}")
     return 1 if failed else 0

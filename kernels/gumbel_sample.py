@@ -17,7 +17,9 @@ import triton.language as tl
 
 from .loss_rows import _transform
 
-CONFIGS = ((1024, 4),)
+# (BLOCK_V, num_warps): 8 samples' running bests, a value and an index each, per lane:
+# 8 x 2 x 1024 / 256 threads = 64 registers
+CONFIGS = ((1024, 8),)
 
 
 @triton.jit
@@ -27,11 +29,18 @@ def _gumbel(x):
 
 
 @triton.jit
-def _update(best_v, best_i, kr, k: tl.constexpr, val, offs):
-    m = tl.max(val, axis=0)
-    a = tl.min(tl.where(val == m, offs, 2147483647), axis=0)  # first index of the max
-    take = (kr == k) & (m > best_v)
-    return tl.where(take, m, best_v), tl.where(take, a.to(tl.int64), best_i)
+def _lane_best(best_v, best_i, val, offs):
+    """Each lane's running best over the tiles: strictly greater wins, so a lane keeps the
+    first index of its maximum."""
+    take = val > best_v
+    return tl.where(take, val, best_v), tl.where(take, offs, best_i)
+
+
+@triton.jit
+def _first_argmax(best_v, best_i):
+    """The first index of the row's maximum, from the lanes' running bests."""
+    m = tl.max(best_v, axis=0)
+    return tl.min(tl.where(best_v == m, best_i, 2147483647), axis=0).to(tl.int64)
 
 
 # seed and row_offset change every call: specialising on their values (== 1, divisible by 16)
@@ -40,34 +49,65 @@ def _update(best_v, best_i, kr, k: tl.constexpr, val, offs):
 def gumbel_sample_kernel(
     z_ptr, stride_z, V, out_ptr, row_offset, seed,
     softcap, inv_temp,
-    K: tl.constexpr, KP: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    K: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """One row per program; samples 8 at a time, each pass one stream over the row. Every
+    lane keeps the running best of each sample in registers, with no reduction across the
+    lanes until the pass ends (one per sample per row, not one per tile)."""
     row = tl.program_id(0).to(tl.int64)
     grow = row + row_offset
     row_lo = (grow & 0xFFFFFFFF).to(tl.uint32)
     row_hi = (grow >> 32).to(tl.uint32)
     base = z_ptr + row * stride_z
+    out = out_ptr + row * K
     cols = tl.arange(0, BLOCK_V)
-    kr = tl.arange(0, KP)
-    best_v = tl.full([KP], float("-inf"), tl.float32)
-    best_i = tl.zeros([KP], tl.int64)
-    for start in range(0, V, BLOCK_V):
-        offs = start + cols
-        inb = offs < V
-        z = tl.load(base + offs, mask=inb, other=0.0).to(tl.float32)
-        s = tl.where(inb, _transform(z, softcap, inv_temp, HAS_SOFTCAP), float("-inf"))
-        c0 = offs.to(tl.uint32)
-        zero = c0 * 0
-        for g in tl.static_range((K + 3) // 4):
-            r0, r1, r2, r3 = tl.philox(seed, c0, zero + row_lo, zero + g, zero + row_hi)
-            best_v, best_i = _update(best_v, best_i, kr, 4 * g, s + _gumbel(r0), offs)
-            if 4 * g + 1 < K:
-                best_v, best_i = _update(best_v, best_i, kr, 4 * g + 1, s + _gumbel(r1), offs)
-            if 4 * g + 2 < K:
-                best_v, best_i = _update(best_v, best_i, kr, 4 * g + 2, s + _gumbel(r2), offs)
-            if 4 * g + 3 < K:
-                best_v, best_i = _update(best_v, best_i, kr, 4 * g + 3, s + _gumbel(r3), offs)
-    tl.store(out_ptr + row * K + kr, best_i, mask=kr < K)
+    for p in tl.static_range((K + 7) // 8):
+        neg = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        idx = tl.zeros([BLOCK_V], tl.int32)
+        v0, v1, v2, v3, v4, v5, v6, v7 = neg, neg, neg, neg, neg, neg, neg, neg
+        i0, i1, i2, i3, i4, i5, i6, i7 = idx, idx, idx, idx, idx, idx, idx, idx
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            inb = offs < V
+            z = tl.load(base + offs, mask=inb, other=0.0).to(tl.float32)
+            s = tl.where(inb, _transform(z, softcap, inv_temp, HAS_SOFTCAP), float("-inf"))
+            c0 = offs.to(tl.uint32)
+            zero = c0 * 0
+            # counters (v, row low, k // 4, row high): draw k is word k % 4 of call k // 4
+            r0, r1, r2, r3 = tl.philox(seed, c0, zero + row_lo, zero + (2 * p),
+                                       zero + row_hi)
+            v0, i0 = _lane_best(v0, i0, s + _gumbel(r0), offs)
+            if 8 * p + 1 < K:
+                v1, i1 = _lane_best(v1, i1, s + _gumbel(r1), offs)
+            if 8 * p + 2 < K:
+                v2, i2 = _lane_best(v2, i2, s + _gumbel(r2), offs)
+            if 8 * p + 3 < K:
+                v3, i3 = _lane_best(v3, i3, s + _gumbel(r3), offs)
+            if 8 * p + 4 < K:
+                q0, q1, q2, q3 = tl.philox(seed, c0, zero + row_lo, zero + (2 * p + 1),
+                                           zero + row_hi)
+                v4, i4 = _lane_best(v4, i4, s + _gumbel(q0), offs)
+                if 8 * p + 5 < K:
+                    v5, i5 = _lane_best(v5, i5, s + _gumbel(q1), offs)
+                if 8 * p + 6 < K:
+                    v6, i6 = _lane_best(v6, i6, s + _gumbel(q2), offs)
+                if 8 * p + 7 < K:
+                    v7, i7 = _lane_best(v7, i7, s + _gumbel(q3), offs)
+        tl.store(out + 8 * p, _first_argmax(v0, i0))
+        if 8 * p + 1 < K:
+            tl.store(out + 8 * p + 1, _first_argmax(v1, i1))
+        if 8 * p + 2 < K:
+            tl.store(out + 8 * p + 2, _first_argmax(v2, i2))
+        if 8 * p + 3 < K:
+            tl.store(out + 8 * p + 3, _first_argmax(v3, i3))
+        if 8 * p + 4 < K:
+            tl.store(out + 8 * p + 4, _first_argmax(v4, i4))
+        if 8 * p + 5 < K:
+            tl.store(out + 8 * p + 5, _first_argmax(v5, i5))
+        if 8 * p + 6 < K:
+            tl.store(out + 8 * p + 6, _first_argmax(v6, i6))
+        if 8 * p + 7 < K:
+            tl.store(out + 8 * p + 7, _first_argmax(v7, i7))
 
 
 def sample(z: torch.Tensor, k: int, *, seed: int, row_offset: int, softcap: float,
@@ -80,20 +120,20 @@ def sample(z: torch.Tensor, k: int, *, seed: int, row_offset: int, softcap: floa
     block, warps = CONFIGS[0]
     gumbel_sample_kernel[(C,)](
         z, z.stride(0), V, out, row_offset, seed, float(softcap or 1.0), 1.0 / temperature,
-        K=k, KP=triton.next_power_of_2(k), HAS_SOFTCAP=bool(softcap), BLOCK_V=block,
-        num_warps=warps)
+        K=k, HAS_SOFTCAP=bool(softcap), BLOCK_V=block, num_warps=warps)
     return out
 
 
 def aot_specs():
     specs = []
     for block, warps in CONFIGS:
-        for zt in ("fp32", "bf16"):
+        for zt, k in (("fp32", 8), ("bf16", 8), ("bf16", 12)):  # 12: two passes
             specs.append(dict(
                 name="gumbel_sample", kernel=gumbel_sample_kernel, matrix=False,
                 signature={"z_ptr": f"*{zt}", "stride_z": "i64", "V": "i32", "out_ptr": "*i64",
                            "row_offset": "i64", "seed": "i64", "softcap": "fp32",
                            "inv_temp": "fp32"},
-                constexprs={"K": 8, "KP": 8, "HAS_SOFTCAP": True, "BLOCK_V": block},
-                options={"num_warps": warps}, config=f"BLOCK_V={block} K=8 z={zt}"))
+                constexprs={"K": k, "HAS_SOFTCAP": True, "BLOCK_V": block},
+                hints={"z_ptr": 16, "out_ptr": 16, "stride_z": 16, "V": 16},
+                options={"num_warps": warps}, config=f"BLOCK_V={block} K={k} z={zt}"))
     return specs

@@ -122,14 +122,16 @@ def dual_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None,
 
 
 def aot_specs():
-    """Forward layout (B1 = W0^T: K contiguous) and dX layout (B1 = W0: N contiguous)."""
+    """Forward layout (B1 = W0^T: K contiguous; B2 = B^T copied to rows of N) and dX layout
+    (B1 = W0 and B2 = A: N contiguous), with the hints Triton's launcher gives the shapes
+    that run (rows of A1, A2 and C and the long strides of B1, B2 divisible by 16)."""
     specs = []
     ptrs = ("a1_ptr", "b1_ptr", "a2_ptr", "b2_ptr", "bias_ptr", "c_ptr")
     layouts = {
-        "fwd": {"s_a1k": 1, "s_b1k": 1, "s_a2k": 1, "s_b2k": 1, "s_cn": 1,
-                "s_a1m": 16, "s_b1n": 16, "s_cm": 16},
+        "fwd": {"s_a1k": 1, "s_b1k": 1, "s_a2k": 1, "s_b2n": 1, "s_cn": 1,
+                "s_a1m": 16, "s_b1n": 16, "s_a2m": 16, "s_b2k": 16, "s_cm": 16},
         "dx": {"s_a1k": 1, "s_b1n": 1, "s_a2k": 1, "s_b2n": 1, "s_cn": 1,
-               "s_a1m": 16, "s_b1k": 16, "s_b2k": 16, "s_cm": 16},
+               "s_a1m": 16, "s_b1k": 16, "s_a2m": 16, "s_b2k": 16, "s_cm": 16},
     }
     for bm, bn, bk, gm, warps, stages in GPU_CONFIGS:
         for layout, hints in layouts.items():

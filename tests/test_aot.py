@@ -53,6 +53,12 @@ def test_compiles_for_hopper_and_ampere_and_reads_resources(tmp_path):
     assert mm90["ok"] and mm90["wgmma"] == "yes" and mm90["shared_bytes"] > 0
     assert mm80["ok"] and mm80["wgmma"] == "-"
     assert rows90["ok"] and rows90["registers"] > 0 and rows90["spill_bytes"] == 0
+    # the SASS counts: this GEMM's pointers carry no alignment hints, so its tiles come in
+    # through plain loads, none of them vector loads and no async copies; the shipped row
+    # kernel (hinted) reads its rows with vector loads
+    assert mm90["instructions"] > 100 and mm90["ldg"] > 0 and mm90["ldg_vector"] == 0
+    assert mm90["async_copies"] == 0
+    assert rows90["ldg"] > 0 and rows90["ldg_vector"] > 0
 
 
 def test_cli_reruns_itself_without_the_interpreter(monkeypatch):

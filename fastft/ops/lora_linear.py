@@ -37,6 +37,14 @@ def _dual(a1, b1, a2, b2, bias, backend):
     return out.addmm_(a2, b2)
 
 
+def _rows_of(b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``b`` [r, N] as a contiguous tensor of ``dtype`` (one pass over r x N entries): B^T is a
+    strided view of B [N, r], whose rows of r entries a GEMM tile would read element by element
+    (scalar loads, no pipelining) where contiguous rows of N are read in vectors."""
+    out = torch.empty(b.shape, device=b.device, dtype=dtype)
+    return out.copy_(b)
+
+
 def _small(x, a, dtype):
     """x @ a for the rank-r products: fp32 math, result in ``dtype``."""
     return gemm.mm_f32(x, a.to(x.dtype)).to(dtype)
@@ -51,7 +59,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     x = x.contiguous()
     xa = _small(x, lora_a.t(), torch.float32)
     xr = xa if lora_r is None else xa @ lora_r.float().t()
-    y = _dual(x, weight.t(), (xr * scale).to(x.dtype), lora_b.to(x.dtype).t(), bias, backend)
+    y = _dual(x, weight.t(), (xr * scale).to(x.dtype), _rows_of(lora_b.t(), x.dtype), bias,
+              backend)
     return y, xa
 
 

@@ -95,3 +95,30 @@ def test_frozen_base_gets_no_gradient_and_stride_zero_upstream(backend, device):
     want = torch.autograd.grad(ref.lora_linear(x, w, None, a, b).sum(), (x, a))
     assert_close(gx, want[0], 1e-5)
     assert_close(ga, want[1], 1e-5)
+
+
+def test_the_checked_layouts_are_the_ones_that_run(monkeypatch):
+    """fastft check-kernels compiles dual_matmul with the hints of aot_specs: every stride the
+    op passes at LLM shapes (sizes and rank multiples of 16) is 1 where the spec says 1 and
+    divisible by 16 where it says 16, in the forward and in the backward for dX."""
+    seen = []
+    real = lora_matmul.dual_matmul
+
+    def spy(a1, b1, a2, b2, bias=None, out_dtype=None):
+        names = ("s_a1m", "s_a1k", "s_b1k", "s_b1n", "s_a2m", "s_a2k", "s_b2k", "s_b2n")
+        strides = (*a1.stride(), *b1.stride(), *a2.stride(), *b2.stride())
+        seen.append(dict(zip(names, strides)))
+        return real(a1, b1, a2, b2, bias, out_dtype)
+
+    monkeypatch.setattr(lora_matmul, "dual_matmul", spy)
+    monkeypatch.setenv("FASTFT_BACKEND", "triton")
+    x, w, b, a, bb, rr = lora_inputs(32, 64, 48, 16, torch.float32, "cpu", bias=True)
+    y, _ = torch.ops.fastft.lora_linear(x, w, b, a, bb, rr, 2.0)
+    y.sum().backward()
+    fwd, dx = seen
+    hints = {s["config"].split()[-2]: s["hints"] for s in lora_matmul.aot_specs()}
+    for got, layout in ((fwd, hints["fwd"]), (dx, hints["dx"])):
+        for name, stride in got.items():
+            want = layout.get(name)
+            assert want is not None, f"{name} has no hint: the checked variant is not the one that runs"
+            assert (stride == 1) if want == 1 else (stride % want == 0), (name, stride, want)
