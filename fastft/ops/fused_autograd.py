@@ -15,6 +15,7 @@ import torch
 
 from ..errors import check
 
+
 def scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t * g`` (``g`` a one-element fp32 tensor) as ``dtype``, the product formed in fp32 and
     rounded once, in one pass (read ``t``, write the result: no temporary). In half
