@@ -1,9 +1,12 @@
 """Bench suite ``lora``: a LoRA linear, forward and backward (dX, dA, dB), per implementation.
 
 Providers: ``fastft`` (the fused kernels), ``reference`` (the plain composition
-PEFT computes: base linear, then A, then B, then an add), ``peft`` (PEFT's own
-LoRA layer, where installed) and ``frozen_base`` (the two GEMMs of the frozen
-layer alone, y = x W0^T and dX = dY W0: the floor a fused LoRA can approach).
+PEFT computes: base linear, then A, then B, then an add), ``addmm`` (the base GEMM,
+then the adapter's product added into its output by one ``addmm`` with alpha = s:
+cuBLAS with no extra add, as Unsloth composes it), ``peft`` (PEFT's own LoRA layer,
+where installed) and ``frozen_base`` (the two GEMMs of the frozen layer alone,
+y = x W0^T and dX = dY W0: the floor a fused LoRA can approach). CUDA shapes are
+Llama-3-8B's: q/o (4096 -> 4096), k/v (4096 -> 1024), MLP up and down.
 """
 
 from __future__ import annotations
@@ -24,11 +27,19 @@ from ._common import DTYPES, peer
 def _shapes(device: str, quick: bool):
     if device == "cuda":  # Llama-3-8B: attention, MLP up, MLP down
         return [dict(T=8192, n_in=i, n_out=o, r=r) for i, o in
-                ((4096, 4096), (4096, 14336), (14336, 4096)) for r in (16, 64)], "bf16"
+                ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))
+                for r in (16, 64)], "bf16"
     if quick:
         return [dict(T=256, n_in=256, n_out=256, r=16)], "fp32"
     return [dict(T=1024, n_in=1024, n_out=1024, r=16), dict(T=1024, n_in=1024, n_out=2816, r=64)], \
         "fp32"
+
+
+def addmm_lora(x, weight, lora_a, lora_b, scale: float):
+    """x W0^T + s (x A^T) B^T as cuBLAS composes it: the base GEMM, then one addmm that adds
+    the adapter's product into it (alpha = s), autograd through both."""
+    return torch.addmm(F.linear(x, weight), x @ lora_a.t().to(x.dtype),
+                       lora_b.t().to(x.dtype), alpha=scale)
 
 
 def _build(provider, T, n_in, n_out, r, dtype, device):
@@ -54,6 +65,10 @@ def _build(provider, T, n_in, n_out, r, dtype, device):
         def run():
             ref.lora_linear(x, base.weight, None, layer.lora_A, layer.lora_B, None,
                             layer.scaling).backward(dy)
+            clear()
+    elif provider == "addmm":
+        def run():
+            addmm_lora(x, base.weight, layer.lora_A, layer.lora_B, layer.scaling).backward(dy)
             clear()
     elif provider == "frozen_base":
         def run():
@@ -82,7 +97,7 @@ def cases(device: str, quick: bool = False) -> list[Case]:
     shapes, dtype = _shapes(device, quick)
     out = []
     for s in shapes:
-        for provider in ("fastft", "reference", "peft", "frozen_base"):
+        for provider in ("fastft", "reference", "addmm", "peft", "frozen_base"):
             out.append(Case(op="lora_linear", provider=provider, params=s, dtype=dtype,
                             build=partial(_build, provider, **s, dtype=dtype, device=device),
                             available=(lambda: peer("peft")) if provider == "peft"
