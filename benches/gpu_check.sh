@@ -6,9 +6,9 @@
 # Needs torch, triton, transformers (peft, liger-kernel, trl where installed) and no network.
 # Budget: at most ~7 minutes of command time, so that a rerun fits in a 15-minute lease:
 #   versions + a background nvidia-smi sampler  5 s
-#   step     the whole LoRA SFT step: fastft, transformers+PEFT, +Liger    110 s
-#   losses   the loss head: CE, GRPO, OTR (head trained and frozen)       110 s
-#   kernels  LoRA, Hadamard / fake-quant, SparseAdamW                      75 s
+#   step     the whole LoRA SFT step: fastft, transformers+PEFT, +Liger    100 s
+#   losses   the loss head: CE, GRPO, OTR (head trained and frozen)       100 s
+#   kernels  LoRA, Hadamard / fake-quant, SparseAdamW                     100 s
 #   kprof    a kernel-profiler table of the loss head's cases             25 s
 #   tests    only the test files of fixes no GPU has run yet (GPU_TESTS)  50 s
 #   profile  fastft.profile's peak against torch.cuda.max_memory_allocated 30 s
@@ -36,7 +36,7 @@ if [ $DRY = 1 ]; then
 else
   DEVICE=cuda; QUICK=(); SCALE=1
 fi
-GPU_TESTS="${GPU_TESTS:-tests/losses/test_otr.py tests/losses/test_half_dz.py \
+GPU_TESTS="${GPU_TESTS:-tests/losses/test_otr.py tests/losses/test_half_dz.py tests/losses/test_grad_w_rows.py \
 tests/losses/test_loss_scale.py tests/ops/test_hadamard.py tests/methods/test_roste.py}"
 
 # fastft from this checkout: an editable install maps kernels/ and csrc/ into the package
@@ -110,11 +110,11 @@ fi
 trap '[ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null' EXIT
 
 step versions 30 bash -c versions
-step step 110 "$PY" -m fastft.cli bench --suite step --device "$DEVICE" "${QUICK[@]}" \
+step step 100 "$PY" -m fastft.cli bench --suite step --device "$DEVICE" "${QUICK[@]}" \
   --out "$OUT/bench"
-step losses 110 "$PY" -m fastft.cli bench --suite losses --op cross_entropy,grpo,otr \
+step losses 100 "$PY" -m fastft.cli bench --suite losses --op cross_entropy,grpo,otr \
   --device "$DEVICE" "${QUICK[@]}" --out "$OUT/bench"
-step kernels 75 "$PY" -m fastft.cli bench --suite lora,quant,sparse --device "$DEVICE" \
+step kernels 100 "$PY" -m fastft.cli bench --suite lora,quant,sparse --device "$DEVICE" \
   "${QUICK[@]}" --out "$OUT/bench"
 step kprof 25 "$PY" benches/kernel_profile.py --device "$DEVICE" "${QUICK[@]}" --out "$OUT/kprof"
 if [ $DRY = 1 ]; then  # the files exist and import; the suite itself runs them on the CPU
