@@ -33,16 +33,27 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
-def cubin_resources(cubin: bytes) -> dict:
-    """{registers, local_bytes} of the first function in a cubin, read by cuobjdump."""
+def cuobjdump(cubin: bytes, *flags: str) -> list[str]:
+    """cuobjdump's output for each of ``flags`` (e.g. ``-res-usage``, ``-sass``), over one
+    temporary copy of the cubin."""
+    outs = []
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "k.cubin"
         p.write_bytes(cubin)
-        proc = subprocess.run([_cuobjdump(), "-res-usage", str(p)], capture_output=True,
-                              text=True)
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", proc.stdout)
-    if proc.returncode != 0 or not m:
-        raise RuntimeError(f"cuobjdump: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        for flag in flags:
+            proc = subprocess.run([_cuobjdump(), flag, str(p)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"cuobjdump {flag}: "
+                                   f"{(proc.stderr or proc.stdout).strip()[-300:]}")
+            outs.append(proc.stdout)
+    return outs
+
+
+def cubin_resources(res_usage: str) -> dict:
+    """{registers, local_bytes} of the first function, from ``cuobjdump -res-usage``."""
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", res_usage)
+    if not m:
+        raise RuntimeError(f"cuobjdump: {res_usage.strip()[-300:]}")
     return dict(registers=int(m.group(1)), stack_bytes=int(m.group(2)),
                 local_bytes=int(m.group(4)))
 
@@ -50,19 +61,13 @@ def cubin_resources(cubin: bytes) -> dict:
 _SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")
 
 
-def sass_counts(cubin: bytes) -> dict:
-    """Static instruction counts of a cubin's SASS (cuobjdump -sass): every instruction,
-    the global loads (``ldg``) and how many of them are vector loads of 64 or 128 bits
-    (``ldg_vector``: a tile read row by row as scalars shows up here as a low share), and
-    the asynchronous copies to shared memory (``async_copies``: cp.async LDGSTS and TMA
-    UTMALDG, the pipelined loads of a GEMM's K loop)."""
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "k.cubin"
-        p.write_bytes(cubin)
-        proc = subprocess.run([_cuobjdump(), "-sass", str(p)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"cuobjdump -sass: {(proc.stderr or proc.stdout).strip()[-300:]}")
-    ops = _SASS_OP.findall(proc.stdout)
+def sass_counts(sass: str) -> dict:
+    """Static instruction counts of ``cuobjdump -sass``: every instruction, the global loads
+    (``ldg``) and how many of them are vector loads of 64 or 128 bits (``ldg_vector``: a
+    tile read row by row as scalars shows up here as a low share), and the asynchronous
+    copies to shared memory (``async_copies``: cp.async LDGSTS and TMA UTMALDG, the
+    pipelined loads of a GEMM's K loop)."""
+    ops = _SASS_OP.findall(sass)
     ldg = [o for o in ops if o.startswith("LDG.") or o == "LDG"]
     return dict(instructions=len(ops), ldg=len(ldg),
                 ldg_vector=sum(1 for o in ldg if ".64" in o or ".128" in o),
@@ -102,16 +107,13 @@ def compile_spec(spec: dict, arch: str) -> dict:
     if spec.get("matrix"):
         row["wgmma"] = ("yes" if "wgmma" in ptx else "NO") if num >= 90 else "-"
     try:
-        res = cubin_resources(compiled.asm["cubin"])
+        res_usage, sass = cuobjdump(compiled.asm["cubin"], "-res-usage", "-sass")
+        res = cubin_resources(res_usage)
     except RuntimeError as e:
         row.update(ok=False, error=str(e))
         return row
     row["registers"] = res["registers"]
-    try:
-        row.update(sass_counts(compiled.asm["cubin"]))
-    except RuntimeError as e:
-        row.update(ok=False, error=str(e))
-        return row
+    row.update(sass_counts(sass))
     # Local memory per thread: register spills (and arrays the compiler could not keep
     # in registers); either is a kernel that will not run at speed.
     row["spill_bytes"] = res["local_bytes"]

@@ -85,6 +85,23 @@ def cmd_check_kernels(args) -> int:
     return 1 if failed else 0
 
 
+def _bench_filter(text: str | None, field: str, names: list[str], device: str,
+                  suite: str) -> set[str] | None:
+    """The names of ``--op`` / ``--provider`` (``field``), each checked against the cases of
+    the suites ``names``; None when the flag is not given."""
+    wanted = {w.strip() for w in (text or "").split(",") if w.strip()}
+    if not wanted:
+        return None
+    from .bench.harness import suite_names
+
+    known = set().union(*(suite_names(n, device, field) for n in names))
+    unknown = sorted(wanted - known)
+    if unknown:
+        raise FastftError(f"--{field} {','.join(unknown)} names no {field} of suite {suite}; "
+                          f"its {field}s are: {', '.join(sorted(known))}")
+    return wanted
+
+
 def cmd_bench(args) -> int:
     # from the harness: once the subpackage fastft.bench.suites is imported, the name
     # fastft.bench.suites is that package, not the function
@@ -113,25 +130,8 @@ def cmd_bench(args) -> int:
     if unknown:
         raise FastftError(f"no bench suite named {', '.join(unknown)}; suites: "
                           f"{', '.join(suites())}")
-    ops = {o.strip() for o in args.op.split(",") if o.strip()} if args.op else None
-    if ops:
-        from .bench.harness import suite_ops
-
-        known = set().union(*(suite_ops(n, device) for n in names))
-        unknown = sorted(ops - known)
-        if unknown:
-            raise FastftError(f"--op {','.join(unknown)} names no op of suite {args.suite}; its "
-                              f"ops are: {', '.join(sorted(known))}")
-    providers = {p.strip() for p in args.provider.split(",") if p.strip()} \
-        if args.provider else None
-    if providers:
-        from .bench.harness import suite_providers
-
-        known = set().union(*(suite_providers(n, device) for n in names))
-        unknown = sorted(providers - known)
-        if unknown:
-            raise FastftError(f"--provider {','.join(unknown)} names no provider of suite "
-                              f"{args.suite}; its providers are: {', '.join(sorted(known))}")
+    ops = _bench_filter(args.op, "op", names, device, args.suite)
+    providers = _bench_filter(args.provider, "provider", names, device, args.suite)
     for name in names:
         run_suite(name, device, args.out, quick=args.quick, ops=ops, providers=providers)
     print(f"\nresults: {args.out}/results.json and results.md")

@@ -43,6 +43,35 @@ def _first_argmax(best_v, best_i):
     return tl.min(tl.where(best_v == m, best_i, 2147483647), axis=0).to(tl.int64)
 
 
+@triton.jit
+def _draw4(seed, c0, row_lo, row_hi, call, s, offs, v0, v1, v2, v3, i0, i1, i2, i3,
+           N: tl.constexpr):
+    """One Philox call (counters: v, row low, ``call`` = k // 4, row high) gives the noise of
+    4 samples; the running bests of the first ``N`` of them take this tile."""
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, zero + row_lo, zero + call, zero + row_hi)
+    v0, i0 = _lane_best(v0, i0, s + _gumbel(r0), offs)
+    if N > 1:
+        v1, i1 = _lane_best(v1, i1, s + _gumbel(r1), offs)
+    if N > 2:
+        v2, i2 = _lane_best(v2, i2, s + _gumbel(r2), offs)
+    if N > 3:
+        v3, i3 = _lane_best(v3, i3, s + _gumbel(r3), offs)
+    return v0, v1, v2, v3, i0, i1, i2, i3
+
+
+@triton.jit
+def _store4(ptr, v0, v1, v2, v3, i0, i1, i2, i3, N: tl.constexpr):
+    """The samples of the first ``N`` of 4 running bests, at ptr[0:N]."""
+    tl.store(ptr, _first_argmax(v0, i0))
+    if N > 1:
+        tl.store(ptr + 1, _first_argmax(v1, i1))
+    if N > 2:
+        tl.store(ptr + 2, _first_argmax(v2, i2))
+    if N > 3:
+        tl.store(ptr + 3, _first_argmax(v3, i3))
+
+
 # seed and row_offset change every call: specialising on their values (== 1, divisible by 16)
 # would compile new variants in the middle of training (about 2 s each on an H200)
 @triton.jit(do_not_specialize=["seed", "row_offset"])
@@ -61,7 +90,7 @@ def gumbel_sample_kernel(
     base = z_ptr + row * stride_z
     out = out_ptr + row * K
     cols = tl.arange(0, BLOCK_V)
-    for p in tl.static_range((K + 7) // 8):
+    for p in tl.static_range((K + 7) // 8):  # samples 8p .. 8p + 7: draws 2p and 2p + 1
         neg = tl.full([BLOCK_V], float("-inf"), tl.float32)
         idx = tl.zeros([BLOCK_V], tl.int32)
         v0, v1, v2, v3, v4, v5, v6, v7 = neg, neg, neg, neg, neg, neg, neg, neg
@@ -72,42 +101,15 @@ def gumbel_sample_kernel(
             z = tl.load(base + offs, mask=inb, other=0.0).to(tl.float32)
             s = tl.where(inb, _transform(z, softcap, inv_temp, HAS_SOFTCAP), float("-inf"))
             c0 = offs.to(tl.uint32)
-            zero = c0 * 0
-            # counters (v, row low, k // 4, row high): draw k is word k % 4 of call k // 4
-            r0, r1, r2, r3 = tl.philox(seed, c0, zero + row_lo, zero + (2 * p),
-                                       zero + row_hi)
-            v0, i0 = _lane_best(v0, i0, s + _gumbel(r0), offs)
-            if 8 * p + 1 < K:
-                v1, i1 = _lane_best(v1, i1, s + _gumbel(r1), offs)
-            if 8 * p + 2 < K:
-                v2, i2 = _lane_best(v2, i2, s + _gumbel(r2), offs)
-            if 8 * p + 3 < K:
-                v3, i3 = _lane_best(v3, i3, s + _gumbel(r3), offs)
+            v0, v1, v2, v3, i0, i1, i2, i3 = _draw4(seed, c0, row_lo, row_hi, 2 * p, s, offs,
+                                                    v0, v1, v2, v3, i0, i1, i2, i3, K - 8 * p)
             if 8 * p + 4 < K:
-                q0, q1, q2, q3 = tl.philox(seed, c0, zero + row_lo, zero + (2 * p + 1),
-                                           zero + row_hi)
-                v4, i4 = _lane_best(v4, i4, s + _gumbel(q0), offs)
-                if 8 * p + 5 < K:
-                    v5, i5 = _lane_best(v5, i5, s + _gumbel(q1), offs)
-                if 8 * p + 6 < K:
-                    v6, i6 = _lane_best(v6, i6, s + _gumbel(q2), offs)
-                if 8 * p + 7 < K:
-                    v7, i7 = _lane_best(v7, i7, s + _gumbel(q3), offs)
-        tl.store(out + 8 * p, _first_argmax(v0, i0))
-        if 8 * p + 1 < K:
-            tl.store(out + 8 * p + 1, _first_argmax(v1, i1))
-        if 8 * p + 2 < K:
-            tl.store(out + 8 * p + 2, _first_argmax(v2, i2))
-        if 8 * p + 3 < K:
-            tl.store(out + 8 * p + 3, _first_argmax(v3, i3))
+                v4, v5, v6, v7, i4, i5, i6, i7 = _draw4(
+                    seed, c0, row_lo, row_hi, 2 * p + 1, s, offs, v4, v5, v6, v7,
+                    i4, i5, i6, i7, K - 8 * p - 4)
+        _store4(out + 8 * p, v0, v1, v2, v3, i0, i1, i2, i3, K - 8 * p)
         if 8 * p + 4 < K:
-            tl.store(out + 8 * p + 4, _first_argmax(v4, i4))
-        if 8 * p + 5 < K:
-            tl.store(out + 8 * p + 5, _first_argmax(v5, i5))
-        if 8 * p + 6 < K:
-            tl.store(out + 8 * p + 6, _first_argmax(v6, i6))
-        if 8 * p + 7 < K:
-            tl.store(out + 8 * p + 7, _first_argmax(v7, i7))
+            _store4(out + 8 * p + 4, v4, v5, v6, v7, i4, i5, i6, i7, K - 8 * p - 4)
 
 
 def sample(z: torch.Tensor, k: int, *, seed: int, row_offset: int, softcap: float,

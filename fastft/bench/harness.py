@@ -187,16 +187,13 @@ def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int 
         peak = torch.cuda.max_memory_allocated() - base
         compiled = triton_cache_entries()
         times = cuda_times(fn)
-        extra_row["reps"] = len(times)
         recompiled = triton_cache_entries() - compiled
         if recompiled > 0:  # new Triton variants compiled while timed: the time includes them
             extra_row["recompiled"] = recompiled
             print(f"note {case.op}/{case.provider}: {recompiled} Triton kernel(s) compiled "
                   "during the timed runs; its time includes compilation", file=sys.stderr,
                   flush=True)
-        q = statistics.quantiles(times, n=10, method="inclusive")
-        med, p20, p80 = statistics.median(times), q[1], q[7]
-        if med < GRAPH_BELOW_MS:  # launch overhead is a large part: the CUDA-graph time too
+        if statistics.median(times) < GRAPH_BELOW_MS:  # launch overhead is a large part
             extra_row["graph_median_ms"] = graph_median_ms(fn, case)
     else:
         # Every allocation over 128 KiB gets its own mapping, returned when freed, so
@@ -212,9 +209,9 @@ def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int 
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-        q = statistics.quantiles(times, n=10, method="inclusive")
-        med, p20, p80 = statistics.median(times), q[1], q[7]
-        extra_row["reps"] = len(times)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    med, p20, p80 = statistics.median(times), q[1], q[7]
+    extra_row["reps"] = len(times)
     row = dict(op=case.op, provider=case.provider, params=case.params, dtype=case.dtype,
                device=device_name(device), median_ms=round(med, 4), p20_ms=round(p20, 4),
                p80_ms=round(p80, 4), peak_bytes=int(peak),
@@ -241,14 +238,10 @@ def _suite(name: str):
         raise FastftError(f"no bench suite named {name!r}; suites: {', '.join(suites())}") from e
 
 
-def suite_ops(name: str, device: str) -> set[str]:
-    """The op names of a suite's cases (what ``--op`` may name)."""
-    return {case.op for case in _suite(name).cases(device, quick=True)}
-
-
-def suite_providers(name: str, device: str) -> set[str]:
-    """The provider names of a suite's cases (what ``--provider`` may name)."""
-    return {case.provider for case in _suite(name).cases(device, quick=True)}
+def suite_names(name: str, device: str, field: str) -> set[str]:
+    """The ``field`` ("op" or "provider") of a suite's cases: what ``--op`` / ``--provider``
+    may name."""
+    return {getattr(case, field) for case in _suite(name).cases(device, quick=True)}
 
 
 def suites() -> list[str]:

@@ -374,11 +374,9 @@ def candidates(cfg, world: int) -> tuple[int, int]:
     every process, ``ceil(batch_size / select_ratio)`` candidates for its ``batch_size``
     rows; ``"step"``: one group of ``ceil(global_batch / select_ratio)`` for the step's
     ``global_batch``."""
-    if cfg.uds_grouping == "step":
-        k = cfg.batch_size * cfg.grad_accum * world
-        return 1, max(k, math.ceil(k / cfg.select_ratio - 1e-9))
-    k = cfg.batch_size
-    return cfg.grad_accum * world, max(k, math.ceil(k / cfg.select_ratio - 1e-9))
+    groups = 1 if cfg.uds_grouping == "step" else cfg.grad_accum * world
+    k = cfg.batch_size * cfg.grad_accum * world // groups  # rows each group trains
+    return groups, max(k, math.ceil(k / cfg.select_ratio - 1e-9))
 
 
 def run_steps(cfg, world: int, rows: int) -> int:

@@ -17,10 +17,11 @@ from fastft.profile import step as pstep
 EXAMPLE_8B = Path(__file__).resolve().parents[2] / "examples" / "llama-3-8b" / "config.json"
 
 
-def small_config():
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=False)
+def small_config(vocab_size=512, hidden_size=128, intermediate_size=344, tied=False):
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                                   intermediate_size=intermediate_size, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=tied)
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -204,11 +205,7 @@ def test_other_architectures_match_the_real_step(name):
 
 
 def tied_config():
-    cfg = transformers.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=172,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, tie_word_embeddings=True)
-    cfg._attn_implementation = "sdpa"
-    return cfg
+    return small_config(vocab_size=4096, hidden_size=64, intermediate_size=172, tied=True)
 
 
 def test_tied_head_full_peak_equals_the_real_step():

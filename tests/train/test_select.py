@@ -212,36 +212,13 @@ BASE = dict(batch_size=4, grad_accum=1, max_steps=2, lr=3e-3, warmup_ratio=0.0,
 
 
 def test_trainer_trains_on_the_selected_rows(tmp_path, monkeypatch):
-    model, tok = tiny_setup()
-    before = copy.deepcopy(model).eval()
-    chosen, trained, taken = [], [], []
-    choose, forward, take = (select.UDSSelector.choose, CausalLMLoss.forward,
-                             Trainer._take)
-
-    def spy_choose(self, u, s, k):
-        out = choose(self, u, s, k)
-        chosen.append((u.clone(), out.tolist()))
-        return out
-
-    def spy_forward(self, batch, **kw):
-        trained.append(batch["input_ids"].clone())
-        return forward(self, batch, **kw)
-
-    def spy_take(self, n):
-        taken.append(take(self, n))
-        return taken[-1]
-
-    monkeypatch.setattr(select.UDSSelector, "choose", spy_choose)
-    monkeypatch.setattr(CausalLMLoss, "forward", spy_forward)
-    monkeypatch.setattr(Trainer, "_take", spy_take)
-    tr = Trainer(model, tok, str(write_data(tmp_path, n=16)),
-                 TrainConfig(**BASE, output_dir=str(tmp_path / "run")))
-    tr.train()
+    tr, before, chosen, trained, taken = spy_run(monkeypatch, tmp_path, "run")
+    tok = tr.tokenizer
     assert [len(t) for t in taken] == [8, 8] and len(chosen) == 2 and len(trained) == 2
-    for cand, (_, best), ids in zip(taken, chosen, trained):
+    for cand, (_, _, best), ids in zip(taken, chosen, trained):
         assert len(best) == 4
         rows = [tr.rows[cand[i]] for i in best]
-        assert torch.equal(ids.cpu(), data.collate(rows, tok.pad_token_id)["input_ids"])
+        assert torch.equal(ids, data.collate(rows, tok.pad_token_id)["input_ids"])
     # step 1 (empty queue): the 4 largest nuclear norms of the initial model's logits
     b = data.collate([tr.rows[j] for j in taken[0]], tok.pad_token_id)
     with torch.no_grad():
@@ -249,7 +226,7 @@ def test_trainer_trains_on_the_selected_rows(tmp_path, monkeypatch):
     nuc = torch.stack([torch.linalg.matrix_norm(z[i][b["attention_mask"][i].bool()].double(),
                                                 "nuc") for i in range(8)])
     torch.testing.assert_close(chosen[0][0].double().cpu(), nuc, rtol=1e-3, atol=1e-3)
-    assert chosen[0][1] == sorted(torch.topk(nuc, 4).indices.tolist())
+    assert chosen[0][2] == sorted(torch.topk(nuc, 4).indices.tolist())
     state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["state"]["uds"]["count"] == 8 and state["state"]["uds"]["dim"] == 1024
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
+from unittest import mock
 
 import torch
 
@@ -111,17 +112,10 @@ def _trl_grpo(hidden, w, tokens, mask, adv, old, ref_lp, *, beta):
 
 
 def _with_env(run, name: str, value: str):
-    """``run`` with the environment variable ``name`` set to ``value``."""
+    """``run`` with the environment variable ``name`` set to ``value`` (restored after)."""
     def timed():
-        before = os.environ.get(name)
-        os.environ[name] = value
-        try:
+        with mock.patch.dict(os.environ, {name: value}):
             run()
-        finally:
-            if before is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = before
     return timed
 
 
