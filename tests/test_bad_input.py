@@ -462,6 +462,19 @@ def test_bench_op_naming_no_op(capsys, tmp_path):
              "--provider ligr names no provider of suite losses", "liger")
 
 
+@pytest.mark.parametrize("name,value,words", [
+    ("FASTFT_LOSS_GRAD_W_DTYPE", "fp8", ["FASTFT_LOSS_GRAD_W_DTYPE='fp8'", "fp32", "bf16"]),
+    ("FASTFT_LOSS_GRAD_W_ROWS", "many", ["FASTFT_LOSS_GRAD_W_ROWS='many'", "positive integer"]),
+    ("FASTFT_LOSS_CHUNK", "0", ["FASTFT_LOSS_CHUNK='0'", "positive integer"]),
+])
+def test_loss_head_environment_with_a_wrong_value(capsys, model_dir, sft_data, tmp_path,
+                                                  monkeypatch, name, value, words):
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    one_line(capsys, train_args(model_dir, sft_data, out), *words)
+    assert not list(out.glob("checkpoint-*"))  # stopped before the first step: nothing saved
+
+
 def test_model_folder_without_a_tokenizer(capsys, tmp_path, sft_data):
     from .train.helpers import tiny_setup as setup
 

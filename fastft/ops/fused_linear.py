@@ -33,12 +33,23 @@ from . import gemm
 CPU_MIN_LOGITS = 1 << 24
 
 
+def env_rows(name: str) -> int | None:
+    """A row count set by the environment variable ``name`` (a positive integer), or None."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise FastftError(f"{name}={text!r} is not a row count: give a positive integer, or "
+                          "unset it for the default")
+    return int(text)
+
+
 def chunk_rows(T: int, V: int, H: int, *, cpu: bool = False) -> int:
     """Rows per chunk: about T*H logits per chunk (the size of the hidden states); on the
     CPU (``cpu``) at least CPU_MIN_LOGITS, unless that is more than T / 8 rows."""
-    env = os.environ.get("FASTFT_LOSS_CHUNK")
+    env = env_rows("FASTFT_LOSS_CHUNK")
     if env:
-        return max(1, int(env))
+        return env
     want = max(1, -(-T * H // max(V, 1)))
     rows = 1 << (want - 1).bit_length()
     if cpu:  # but never more than an eighth of the rows: the memory ceiling stays T*V/8 at most
@@ -75,8 +86,7 @@ def grad_w_rows(T: int, step: int, *, cpu: bool = False) -> int:
     """Rows of dz per head-gradient GEMM: a multiple of the chunk rows ``step``, at least
     ``FASTFT_LOSS_GRAD_W_ROWS`` (default 1024 on a GPU, one chunk on the CPU), at most
     what T needs."""
-    env = os.environ.get("FASTFT_LOSS_GRAD_W_ROWS")
-    want = int(env) if env else (step if cpu else GPU_GRAD_W_ROWS)
+    want = env_rows("FASTFT_LOSS_GRAD_W_ROWS") or (step if cpu else GPU_GRAD_W_ROWS)
     chunks = max(1, -(-max(want, step) // step))
     return min(chunks, max(1, -(-T // step))) * step
 
@@ -236,14 +246,15 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
     row_loss = torch.empty(T, device=hidden.device, dtype=torch.float32)
     grad_h = torch.empty_like(hidden, dtype=grad_dtype(hidden.dtype)) \
         if need_grad_hidden else None
-    acc_w = torch.zeros(V, H, device=weight.device, dtype=grad_w_dtype(weight.dtype)) \
-        if need_grad_weight else None
+    acc_dtype = grad_w_dtype(weight.dtype)  # read (and checked) whether or not the head trains
+    acc_w = torch.zeros(V, H, device=weight.device, dtype=acc_dtype) if need_grad_weight \
+        else None
     need_dz = need_grad_hidden or need_grad_weight
     cpu = hidden.device.type == "cpu"
     step = chunk_rows(T, V, H, cpu=cpu)
     # grad_W's GEMM runs over the dz of ``gw_rows`` rows (several chunks) at once
-    gw_rows = grad_w_rows(T, step, cpu=cpu) if need_grad_weight else step
-    group = gw_rows > step
+    gw_rows = grad_w_rows(T, step, cpu=cpu)
+    group = need_grad_weight and gw_rows > step
     dz_buf = None
     gw_start, gw_scales = 0, []  # the rows of dz_buf not yet in grad_W, and their dz scales
     unit = None  # grad_W's unit with an fp16 dz (a device scalar: no host sync)
@@ -277,8 +288,11 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
                 dz = z  # written in place
             else:
                 if dz_buf is None:
-                    dz_buf = torch.empty(gw_rows, V, device=z.device, dtype=head.grad_dtype)
-                dz = dz_buf[start - gw_start: end - gw_start]
+                    dz_buf = torch.empty(gw_rows if group else step, V, device=z.device,
+                                         dtype=head.grad_dtype)
+                # grouped: this chunk's rows after the group's earlier chunks; else the start
+                at = start - gw_start if group else 0
+                dz = dz_buf[at: at + end - start]
         g, dz_scale = co, None  # the coefficients dz is written with
         if dz is not None and dz.dtype in HALF_RANGE_DTYPES:
             g, dz_scale = co.normalised()

@@ -124,3 +124,36 @@ def test_a_wrong_grad_w_dtype_is_named(monkeypatch):
     h, w, y = head_inputs(5, 8, 20)
     with pytest.raises(fastft.FastftError, match="FASTFT_LOSS_GRAD_W_DTYPE='fp8'.*fp32.*bf16"):
         fastft.losses.cross_entropy(h, w, y)
+
+
+def _head_as_on_a_gpu(monkeypatch):
+    """The CPU's Head as CUDA builds it for a bf16 head: the weight kept in bf16, fp32 logits
+    from the mixed GEMM (fp32 math here), dz in bf16 in its own buffer beside them."""
+    def init(self, weight):
+        self.w = weight.contiguous()
+        self.mixed = True
+        self.grad_dtype = self.w.dtype
+
+    monkeypatch.setattr(fused_linear.Head, "__init__", init)
+
+
+@pytest.mark.parametrize("train_head", [True, False])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_the_gpus_dz_buffer_over_several_chunks(monkeypatch, train_head, grouped):
+    """A bf16 head on a GPU writes dz into a buffer of its own (the logits are fp32): with the
+    head frozen (LoRA) or trained, one GEMM per chunk or grouped, every chunk's dz lands in
+    it and the gradients equal the reference's."""
+    monkeypatch.setenv("FASTFT_BACKEND", "torch")
+    monkeypatch.setenv("FASTFT_LOSS_CHUNK", "7")
+    if grouped:
+        monkeypatch.setenv("FASTFT_LOSS_GRAD_W_ROWS", "14")
+    _head_as_on_a_gpu(monkeypatch)
+    h, w, y = head_inputs(50, 16, 300, torch.bfloat16, ignore_every=6, seed=3)
+    w.requires_grad_(train_head)
+    inputs = (h, w) if train_head else (h,)
+    got = torch.autograd.grad(fastft.losses.cross_entropy(h, w, y), inputs)
+    h32, w32 = (t.detach().float().requires_grad_(t.requires_grad) for t in (h, w))
+    want = torch.autograd.grad(ref.cross_entropy(h32, w32, y), (h32, w32) if train_head
+                               else (h32,))
+    for g, e, name in zip(got, want, ("grad_hidden", "grad_weight")):
+        assert_close(g, e, RTOL[torch.bfloat16], name)
