@@ -35,5 +35,6 @@ else:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     KERNEL_FILES = (
-        "loss_rows", "gumbel_sample", "lora_matmul", "sparse_adam", "hadamard", "fake_quant",
+        "loss_rows", "gumbel_sample", "grad_scale", "lora_matmul", "sparse_adam", "hadamard",
+        "fake_quant",
     )

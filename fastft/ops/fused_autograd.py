@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import torch
 
+from .. import backends
 from ..errors import check
 
 
-def scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype, *,
+           triton: bool = False) -> torch.Tensor:
     """``t * g`` (``g`` a one-element fp32 tensor) as ``dtype``, the product formed in fp32 and
     rounded once, in one pass (read ``t``, write the result: no temporary). In half
     precision ``g`` itself would be rounded first: GradScaler's starting scale 2**16 is inf
@@ -24,19 +26,25 @@ def scaled(t: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
     comes from the forward in fp32 for every head dtype, so its conversion to a half head's
     dtype is this same pass. A ``t`` already in ``dtype`` (fp32, or a bf16 head's gradient
     accumulated in bf16) becomes the result: scaled in place (no second [V, H] tensor), and
-    not at all when ``g`` is 1 on the CPU (read there without a device sync; not while
-    traced)."""
+    not at all when ``g`` is 1: on the CPU g is read on the host (no device to wait for);
+    with ``triton`` (the op's backend) kernels/grad_scale.py reads it on the device and skips
+    the pass there. A fake or traced tensor has no value to read: it takes ``mul_``."""
     if t.dtype == dtype:  # in place, the product in fp32 (g is fp32) rounded once
-        # a plain CPU tensor reads without a device sync (a fake or traced one has no value)
-        if type(g) is torch.Tensor and g.device.type == "cpu" and float(g) == 1.0:
-            return t
+        if type(g) is torch.Tensor and type(t) is torch.Tensor:
+            if g.device.type == "cpu" and not triton:
+                return t if float(g) == 1.0 else t.mul_(g)
+            if triton and t.is_contiguous():
+                from ..kernels import grad_scale
+
+                return grad_scale.scale_(t, g)
         return t.mul_(g)
     out = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
     return torch.mul(t, g, out=out)  # computed in fp32 (g is fp32), rounded once into out
 
 
-def register(op, *, row_weights: int, need_hidden: int, need_weight: int) -> None:
-    """Register the autograd of ``op``; the arguments give input positions."""
+def register(op, info, *, row_weights: int, need_hidden: int, need_weight: int) -> None:
+    """Register the autograd of ``op`` (its backends in ``info``); the other arguments give
+    input positions."""
 
     def setup_context(ctx, inputs, output):
         ctx.in_forward = bool(inputs[need_hidden] or inputs[need_weight])
@@ -69,8 +77,9 @@ def register(op, *, row_weights: int, need_hidden: int, need_weight: int) -> Non
             g = g_rows.reshape(-1)[:1].to(torch.float32)
             if g.numel() == 0:
                 g = torch.zeros(1, device=g_rows.device)
-            grad_h = scaled(gh, g, ctx.dtypes[0]) if need_h and gh.numel() else None
-            grad_w = scaled(gw, g, ctx.dtypes[1]) if need_w and gw.numel() else None
+            tri = backends.choose(info, g.device) == "triton"
+            grad_h = scaled(gh, g, ctx.dtypes[0], triton=tri) if need_h and gh.numel() else None
+            grad_w = scaled(gw, g, ctx.dtypes[1], triton=tri) if need_w and gw.numel() else None
             return (grad_h, grad_w) + (None,) * (n - 2)
         args = [None] * ctx.n_inputs
         for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):

@@ -94,7 +94,7 @@ def _(hidden, weight, labels, row_weights, normalizer, ignore_index, label_smoot
                                      ref=ref_hidden is not None)
 
 
-fused_autograd.register(linear_cross_entropy, row_weights=3, need_hidden=14, need_weight=15)
+fused_autograd.register(linear_cross_entropy, INFO, row_weights=3, need_hidden=14, need_weight=15)
 
 
 @register_flop_formula(torch.ops.fastft.linear_cross_entropy)

@@ -150,7 +150,7 @@ def _(hidden, weight, tokens, advantages, mask, row_scale, old_logps, ref_logps,
             hidden.new_empty(T, len(METRICS), dtype=torch.float32))
 
 
-fused_autograd.register(linear_grpo, row_weights=5, need_hidden=17, need_weight=18)
+fused_autograd.register(linear_grpo, INFO, row_weights=5, need_hidden=17, need_weight=18)
 
 
 @register_flop_formula(torch.ops.fastft.linear_grpo)

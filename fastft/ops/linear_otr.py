@@ -91,7 +91,7 @@ def _(hidden, weight, labels, row_weights, normalizer, samples, ignore_index, k,
             hidden.new_empty(T, k, dtype=torch.int64))
 
 
-fused_autograd.register(linear_otr, row_weights=3, need_hidden=14, need_weight=15)
+fused_autograd.register(linear_otr, INFO, row_weights=3, need_hidden=14, need_weight=15)
 
 
 @register_flop_formula(torch.ops.fastft.linear_otr)
