@@ -218,7 +218,7 @@ class RowCoeffs:
 def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softcap: float,
         temperature: float, need_grad_hidden: bool, need_grad_weight: bool,
         want_sum: bool = False, want_entropy: bool = False, ref=None,
-        row_scale: torch.Tensor | None = None):
+        row_scale: torch.Tensor | None = None, stats=None):
     """Run the chunk loop. Returns (row_loss [T], grad_hidden or None, grad_weight or None:
     in :func:`grad_w_dtype`, fp32 by default whatever the head's dtype, for the backward to
     scale and cast in one pass).
@@ -228,6 +228,9 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
     for none), or a function ``idx(start, end, z)`` returning the chunk's [C, J]
     (to gather entries sampled from the chunk's logits).
     ``coeffs(start, end, stats, idx_c)`` turns the chunk's stats into a :class:`RowCoeffs`.
+    ``stats``: None, or a function ``stats(start, end, z)`` returning the chunk's (idx_c,
+    stats) in place of ``idx`` and the row-stats kernel (OTR's sampler draws its entries and
+    the logsumexp in one read of the logits).
     ``ref``: None, or (ref_hidden [T, H], ref_weight [V, H]) whose softmax p_ref
     enters as lam * KL(p_ref || p) (no gradient reaches the reference).
     ``row_scale``: the op's per-row weights [T] (1 / normaliser and the row weights); with an
@@ -278,10 +281,13 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
         end = min(T, start + step)
         h_c = hidden[start:end]
         z = logits("policy", head, h_c)
-        idx_c = idx(start, end, z) if callable(idx) else idx[start:end]
-        stats = rows.row_stats(z, idx_c, softcap=softcap, temperature=temperature,
-                               want_sum=want_sum, want_entropy=want_entropy)
-        co = coeffs(start, end, stats, idx_c)
+        if stats is not None:
+            idx_c, st = stats(start, end, z)
+        else:
+            idx_c = idx(start, end, z) if callable(idx) else idx[start:end]
+            st = rows.row_stats(z, idx_c, softcap=softcap, temperature=temperature,
+                                want_sum=want_sum, want_entropy=want_entropy)
+        co = coeffs(start, end, st, idx_c)
         dz = None
         if need_dz:
             if z.dtype == head.grad_dtype and not group:
@@ -305,7 +311,7 @@ def run(hidden: torch.Tensor, weight: torch.Tensor, *, rows, idx, coeffs, softca
             ref_c = (z_ref, lse_ref, g.lam)
         kl = None
         if dz is not None or ref is not None:
-            kl = rows.row_grad(z, stats[0], g.c, g.u, idx_c, g.w, dz, softcap=softcap,
+            kl = rows.row_grad(z, st[0], g.c, g.u, idx_c, g.w, dz, softcap=softcap,
                                temperature=temperature, ref=ref_c)
         row_loss[start:end] = co.loss if kl is None else co.loss + co.lam * kl
         if need_grad_hidden:

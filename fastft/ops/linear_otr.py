@@ -48,16 +48,20 @@ def linear_otr(
     backend = backends.choose(INFO, hidden.device)
     rows_be = row_backends.get(backend)
     mask, scale = fused_linear.row_scale(labels, ignore_index, normalizer, row_weights)
-    target = torch.where(mask, labels, -1).unsqueeze(1)
+    target = torch.where(mask, labels, -1) if include_target else None  # a last rollout
     drawn = torch.empty(hidden.shape[0], k, device=hidden.device, dtype=torch.int64) \
         if samples is None else samples.contiguous()
 
-    def idx(start, end, z):
-        if samples is None:
-            drawn[start:end] = rows_be.sample(z, k, seed=seed, row_offset=start,
-                                              softcap=softcap, temperature=sample_temperature)
-        parts = [drawn[start:end], target[start:end]] if include_target else [drawn[start:end]]
-        return torch.cat(parts, dim=1)
+    def drawn_stats(start, end, z):  # the samples and the loss's row stats, in one read of z
+        s, idx_c, stats = rows_be.sample_stats(
+            z, k, None if target is None else target[start:end], seed=seed, row_offset=start,
+            softcap=softcap, temperature=temperature, sample_temperature=sample_temperature)
+        drawn[start:end] = s
+        return idx_c, stats
+
+    given = None  # the entries of the given samples (and the target) per row
+    if samples is not None:
+        given = drawn if target is None else torch.cat([drawn, target[:, None]], dim=1)
 
     n_roll = k + int(include_target)
 
@@ -75,9 +79,10 @@ def linear_otr(
             u=torch.zeros_like(lse), w=torch.where(m[:, None], reward * sc[:, None], 0.0))
 
     rows, gh, gw = fused_linear.run(
-        hidden, weight, idx=idx, coeffs=coeffs, rows=rows_be, softcap=softcap,
+        hidden, weight, idx=given, coeffs=coeffs, rows=rows_be, softcap=softcap,
         temperature=temperature, need_grad_hidden=need_grad_hidden,
-        need_grad_weight=need_grad_weight, row_scale=scale)
+        need_grad_weight=need_grad_weight, row_scale=scale,
+        stats=drawn_stats if samples is None else None)
     return (*fused_linear.op_outputs(hidden, rows, gh, gw),
             drawn.clone() if samples is not None else drawn)
 

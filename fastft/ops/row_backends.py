@@ -8,7 +8,8 @@ import torch
 
 
 def get(backend: str) -> SimpleNamespace:
-    """``row_stats``, ``row_grad`` and ``sample`` (K tokens per row of softmax) for ``backend``.
+    """``row_stats``, ``row_grad``, ``sample`` (K tokens per row of softmax) and
+    ``sample_stats`` (the samples and the row stats of the loss at them) for ``backend``.
 
     "cpp": the C++ rows of csrc/loss_rows.cpp and the sampler of csrc/gumbel_sample.cpp
     (each replaced by its torch version if it fails to build). "reference" reaches an op
@@ -19,7 +20,8 @@ def get(backend: str) -> SimpleNamespace:
         from ..kernels import gumbel_sample, loss_rows
 
         return SimpleNamespace(row_stats=loss_rows.row_stats, row_grad=loss_rows.row_grad,
-                               sample=gumbel_sample.sample)
+                               sample=gumbel_sample.sample,
+                               sample_stats=gumbel_sample.sample_stats)
     from . import gumbel_torch, loss_rows_torch
 
     rows = SimpleNamespace(row_stats=loss_rows_torch.row_stats,
@@ -37,7 +39,23 @@ def get(backend: str) -> SimpleNamespace:
                                              temperature)
 
             rows.sample = sample
+    rows.sample_stats = _sample_then_stats(rows)
     return rows
+
+
+def _sample_then_stats(rows: SimpleNamespace):
+    """``sample_stats`` as two passes: draw the samples, then the row stats at them (the
+    Triton backend does both in one read of the logits)."""
+
+    def sample_stats(z, k, target, *, seed, row_offset, softcap, temperature,
+                     sample_temperature):
+        samples = rows.sample(z, k, seed=seed, row_offset=row_offset, softcap=softcap,
+                              temperature=sample_temperature)
+        idx = samples if target is None else torch.cat([samples, target[:, None]], dim=1)
+        return samples, idx, rows.row_stats(z, idx, softcap=softcap, temperature=temperature,
+                                            want_sum=False, want_entropy=False)
+
+    return sample_stats
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
