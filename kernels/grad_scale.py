@@ -48,6 +48,6 @@ def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def aot_specs():
     return [dict(name="grad_scale", kernel=scale_kernel, matrix=False,
                  signature={"t_ptr": f"*{dt}", "g_ptr": "*fp32", "n": "i64"},
-                 constexprs={"BLOCK": BLOCK}, hints={"t_ptr": 16, "g_ptr": 16},
+                 constexprs={"BLOCK": BLOCK}, hints={"t_ptr": 16, "g_ptr": 16, "n": 16},
                  options={"num_warps": NUM_WARPS}, config=f"BLOCK={BLOCK} {dt}")
             for dt in ("fp32", "bf16")]

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .loss_rows import NEG, _transform
 
-BLOCK_V, NUM_WARPS = 1024, 8  # 8 samples x (e, E, v) x 4 entries per thread: 96 registers
+BLOCK_V, NUM_WARPS = 512, 8  # 8 samples x (e, E, v) x 2 entries per thread: 48 registers
 PROGRAMS = 1024  # spans per row: enough programs for the GPU whatever the chunk's rows
 BIG = tl.constexpr(2147483647)
 
