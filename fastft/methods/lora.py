@@ -192,7 +192,7 @@ class LoRALinear(nn.Module):
             raise FastftError(f"{type(self).__name__}: input is {x.dtype} but the base weight is "
                               f"{w.dtype}: cast the model or run under torch.autocast")
         lead = x.shape[:-1]
-        y, _ = torch.ops.fastft.lora_linear(x.reshape(-1, x.shape[-1]), w, bias, a, b, r, s)
+        y = _op.apply(x.reshape(-1, x.shape[-1]), w, bias, a, b, r, s)
         return y.reshape(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:

@@ -50,10 +50,9 @@ def _small(x, a, dtype):
     return gemm.mm_f32(x, a.to(x.dtype)).to(dtype)
 
 
-@torch.library.custom_op("fastft::lora_linear", mutates_args=())
 @backends.no_autocast
-def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
-                lora_r: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+            lora_r: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """(y [T, out], xa = x A^T [T, r] fp32, kept for the backward)."""
     backend = backends.choose(INFO, x.device)
     x = x.contiguous()
@@ -64,15 +63,21 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, 
     return y, xa
 
 
+@torch.library.custom_op("fastft::lora_linear", mutates_args=())
+def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                lora_r: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """(y [T, out], xa = x A^T [T, r] fp32, kept for the backward)."""
+    return forward(x, weight, bias, lora_a, lora_b, lora_r, scale)
+
+
 @lora_linear.register_fake
 def _(x, weight, bias, lora_a, lora_b, lora_r, scale):
     return (x.new_empty(x.shape[0], weight.shape[0]),
             x.new_empty(x.shape[0], lora_a.shape[0], dtype=torch.float32))
 
 
-@torch.library.custom_op("fastft::lora_linear_backward", mutates_args=())
 @backends.no_autocast
-def lora_linear_backward(
+def backward(
     dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
     lora_r: Tensor | None, scale: float, need_x: bool, need_a: bool, need_b: bool, need_r: bool,
     need_bias: bool,
@@ -96,6 +101,17 @@ def lora_linear_backward(
     return dx, da, db, dr, dbias
 
 
+@torch.library.custom_op("fastft::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    dy: Tensor, x: Tensor, xa: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor,
+    lora_r: Tensor | None, scale: float, need_x: bool, need_a: bool, need_b: bool, need_r: bool,
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dR, dbias); those not needed are empty."""
+    return backward(dy, x, xa, weight, lora_a, lora_b, lora_r, scale, need_x, need_a, need_b,
+                    need_r, need_bias)
+
+
 @lora_linear_backward.register_fake
 def _(dy, x, xa, weight, lora_a, lora_b, lora_r, scale, need_x, need_a, need_b, need_r,
       need_bias):
@@ -114,10 +130,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[1], weight, lora_a, lora_b, lora_r)
 
 
-def _backward(ctx, dy, _dxa):
+def _grads(ctx, dy, run):
+    """The gradients of (x, weight, bias, A, B, R, scale) by ``run``: the backward op, or its
+    implementation itself."""
     x, xa, weight, lora_a, lora_b, lora_r = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, da, db, dr, dbias = torch.ops.fastft.lora_linear_backward(
+    dx, da, db, dr, dbias = run(
         dy, x, xa, weight, lora_a, lora_b, lora_r, ctx.scale, need[0], need[3], need[4],
         bool(need[5]), bool(ctx.has_bias and need[2]))
     pick = lambda t, n: t if n else None  # noqa: E731
@@ -125,7 +143,35 @@ def _backward(ctx, dy, _dxa):
         pick(db, need[4]), pick(dr, need[5]), None
 
 
+def _backward(ctx, dy, _dxa):
+    return _grads(ctx, dy, torch.ops.fastft.lora_linear_backward)
+
+
 lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Eager(torch.autograd.Function):
+    """The op's forward and backward without the custom-op dispatcher (see
+    backends.eager_ok): the same implementations, the same saved tensors."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, lora_r, scale):
+        y, xa = forward(x, weight, bias, lora_a, lora_b, lora_r, scale)
+        _setup_context(ctx, (x, weight, bias, lora_a, lora_b, lora_r, scale), (y, xa))
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _grads(ctx, dy, backward)
+
+
+def apply(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+          lora_r: Tensor | None, scale: float) -> Tensor:
+    """y = x W0^T + bias + s (x A^T R^T) B^T for x [T, in]: the custom op where tracing or
+    fake tensors need it, else the same implementation called directly."""
+    if backends.eager_ok(x, weight, bias, lora_a, lora_b, lora_r):
+        return _Eager.apply(x, weight, bias, lora_a, lora_b, lora_r, scale)
+    return torch.ops.fastft.lora_linear(x, weight, bias, lora_a, lora_b, lora_r, scale)[0]
 
 
 @register_flop_formula(torch.ops.fastft.lora_linear)

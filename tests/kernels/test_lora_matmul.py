@@ -122,3 +122,42 @@ def test_the_checked_layouts_are_the_ones_that_run(monkeypatch):
             want = layout.get(name)
             assert want is not None, f"{name} has no hint: the checked variant is not the one that runs"
             assert (stride == 1) if want == 1 else (stride % want == 0), (name, stride, want)
+
+
+@pytest.mark.parametrize("sb,bias", [(False, True), (True, False)])
+def test_the_eager_path_is_the_custom_op_bit_for_bit(backend, device, sb, bias):
+    """lora_linear.apply skips the custom-op dispatcher for plain tensors: the same
+    implementation, so the same output and gradients, to the bit."""
+    from fastft.ops import lora_linear as op
+
+    x, w, bb, a, b, rr = lora_inputs(23, 32, 40, 4, torch.float32, device, bias, sb=sb)
+    params = [t for t in (x, bb, a, b, rr) if t is not None and t.requires_grad]
+    y = op.apply(x, w, bb, a, b, rr, 1.5)
+    want, _ = torch.ops.fastft.lora_linear(x, w, bb, a, b, rr, 1.5)
+    up = torch.randn_like(want)
+    assert torch.equal(y, want)
+    for g1, g2 in zip(torch.autograd.grad(y, params, up), torch.autograd.grad(want, params, up)):
+        assert torch.equal(g1, g2)
+
+
+def test_fake_tensors_and_the_flop_counter_take_the_custom_op():
+    """Under a dispatch mode (fake tensors, fastft.profile's FLOP counter) apply runs the
+    custom op, whose fake implementation and FLOP formula those modes need."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fastft import backends
+    from fastft.ops import lora_linear as op
+
+    x, w, _, a, b, _ = lora_inputs(8, 16, 24, 4, torch.float32, "cpu")
+    assert backends.eager_ok(x, w, None, a, b, None)
+    with FlopCounterMode(display=False) as fc:
+        assert not backends.eager_ok(x, w, None, a, b, None)
+        op.apply(x, w, None, a, b, None, 1.0).sum().backward()
+    assert fc.get_total_flops() > 2 * 8 * 16 * 24 * 3
+    with FakeTensorMode():
+        fx = torch.empty(4096, 1024, requires_grad=True)
+        fw, fa, fb = torch.empty(4096, 1024), torch.empty(16, 1024), torch.empty(4096, 16)
+        y = op.apply(fx, fw, None, fa.requires_grad_(), fb, None, 2.0)
+        (gx,) = torch.autograd.grad(y.sum(), (fx,))
+    assert y.shape == (4096, 4096) and gx.shape == fx.shape
