@@ -8,6 +8,14 @@ Backward for dX: A1 = dY, B1 = W0, A2 = s dY B, B2 = A. The second K range is
 the adapter rank (16..256): a few more K steps of the same tile, so the LoRA
 term costs almost nothing beyond the frozen GEMM. fp32 accumulation, operands
 of any strides (transposes are strides), int64 row offsets.
+
+The backward's two rank-r products of dY, dY B [T, r] and dB = dY^T (s x A^T) [N, r],
+run as one kernel (``dy_b_db_kernel``) that reads dY once: program (n, t) holds a
+column block of dY's N and a span of its T, and for each tile of dY forms the tile's
+share of dY B (summed over the N blocks afterwards: partials [N / BLOCK_N, T, r]) and
+adds the tile's share of dB (partials [S, N, r], one per span). Partials and their sums
+keep the result deterministic; they cost 2 r / BLOCK_N of dY's bytes each way, so the
+kernel serves ranks up to MAX_FUSED_RANK.
 """
 
 from __future__ import annotations
@@ -81,6 +89,69 @@ def dual_matmul_kernel(
              acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def dy_b_db_kernel(
+    dy_ptr, b_ptr, xs_ptr, dyb_ptr, db_ptr, T, N, R, span_t, s_dy, s_b, s_xs,
+    DOT_FP32: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+):
+    pn = tl.program_id(0)
+    pt = tl.program_id(1)
+    rn = (pn * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rr = tl.arange(0, R_PAD)
+    n_ok = rn < N
+    r_ok = rr < R
+    b = tl.load(b_ptr + rn[:, None] * s_b + rr[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                other=0.0)
+    if DOT_FP32:
+        b = b.to(tl.float32)
+    acc = tl.zeros([BLOCK_N, R_PAD], dtype=tl.float32)  # this span's share of dB
+    t_end = tl.minimum(T, (pt + 1) * span_t)
+    for t in range(pt * span_t, t_end, BLOCK_T):
+        rt = (t + tl.arange(0, BLOCK_T)).to(tl.int64)
+        t_ok = rt < t_end
+        d = tl.load(dy_ptr + rt[:, None] * s_dy + rn[None, :],
+                    mask=t_ok[:, None] & n_ok[None, :], other=0.0)
+        xs = tl.load(xs_ptr + rt[:, None] * s_xs + rr[None, :],
+                     mask=t_ok[:, None] & r_ok[None, :], other=0.0)
+        if DOT_FP32:
+            d, xs = d.to(tl.float32), xs.to(tl.float32)
+        part = tl.dot(d, b)  # this N block's share of dY B for these rows
+        tl.store(dyb_ptr + (pn * T + rt)[:, None] * R_PAD + rr[None, :], part,
+                 mask=t_ok[:, None])
+        acc = tl.dot(tl.trans(d), xs, acc)
+    tl.store(db_ptr + (pt * N + rn)[:, None] * R_PAD + rr[None, :], acc, mask=n_ok[:, None])
+
+
+MAX_FUSED_RANK = 32
+DY_CONFIG = (64, 256, 8, 3)  # (BLOCK_T, BLOCK_N, num_warps, num_stages) on a GPU
+DY_SMALL = (16, 32, 4, 1)  # the interpreter: several programs and spans on small tests
+DY_PROGRAMS = 264  # two per SM of an H100 or H200
+
+
+def dy_b_and_db(dy: torch.Tensor, b: torch.Tensor, xs: torch.Tensor,
+                splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dY B [T, r], dY^T xs [N, r]), fp32, reading dY [T, N] once. ``b`` [N, r] and ``xs``
+    [T, r] in dY's dtype, unit column strides; r <= MAX_FUSED_RANK. ``splits``: the spans
+    of T (default: enough for DY_PROGRAMS programs)."""
+    T, N = dy.shape
+    r = b.shape[1]
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    bt, bn, warps, stages = DY_SMALL if interpret else DY_CONFIG
+    r_pad = max(16, triton.next_power_of_2(r))
+    n_blocks = triton.cdiv(N, bn)
+    want = splits or max(1, triton.cdiv(DY_PROGRAMS, n_blocks))
+    span = triton.cdiv(triton.cdiv(T, min(want, triton.cdiv(T, bt))), bt) * bt
+    spans = triton.cdiv(T, span)
+    f32 = dict(device=dy.device, dtype=torch.float32)
+    dyb = torch.empty(n_blocks, T, r_pad, **f32)
+    db = torch.empty(spans, N, r_pad, **f32)
+    dy_b_db_kernel[(n_blocks, spans)](
+        dy, b, xs, dyb, db, T, N, r, span, dy.stride(0), b.stride(0), xs.stride(0),
+        DOT_FP32=interpret and dy.dtype == torch.bfloat16, BLOCK_T=bt, BLOCK_N=bn,
+        R_PAD=r_pad, num_warps=warps, num_stages=stages)
+    return dyb.sum(0)[:, :r], db.sum(0)[:, :r]
+
+
 def pick_config(M: int, N: int, interpret: bool) -> tuple:
     if interpret or M * N < 128 * 128:
         return SMALL_CONFIG
@@ -149,4 +220,19 @@ def aot_specs():
                            "K2": 16},
                     options={"num_warps": warps, "num_stages": stages},
                     config=f"{bm}x{bn}x{bk} w{warps} s{stages} {layout} {dt}"))
+    bt, bn, warps, stages = DY_CONFIG
+    for dt in ("bf16", "fp16"):
+        for r_pad in (16, 32):
+            specs.append(dict(
+                name="dy_b_db", kernel=dy_b_db_kernel, matrix=True,
+                signature={"dy_ptr": f"*{dt}", "b_ptr": f"*{dt}", "xs_ptr": f"*{dt}",
+                           "dyb_ptr": "*fp32", "db_ptr": "*fp32", "T": "i32", "N": "i32",
+                           "R": "i32", "span_t": "i32", "s_dy": "i64", "s_b": "i64",
+                           "s_xs": "i64"},
+                constexprs={"DOT_FP32": False, "BLOCK_T": bt, "BLOCK_N": bn, "R_PAD": r_pad},
+                hints={"dy_ptr": 16, "b_ptr": 16, "xs_ptr": 16, "dyb_ptr": 16, "db_ptr": 16,
+                       "T": 16, "N": 16, "R": 16, "span_t": 16, "s_dy": 16, "s_b": 16,
+                       "s_xs": 16},
+                options={"num_warps": warps, "num_stages": stages},
+                config=f"{bt}x{bn} r<={r_pad} w{warps} s{stages} {dt}"))
     return specs

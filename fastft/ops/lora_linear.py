@@ -5,7 +5,8 @@
 Forward: the small xa = x A^T (and xa R^T), then one GEMM over the
 concatenated K, [x | s xa R^T] x [W0 | B]^T (kernels/lora_matmul.py).
 Backward, for dy: dyb = dy B; dX = [dy | s dyb R] x [W0 ; A] in one GEMM;
-dA = s (dyb R)^T x, dB = s dy^T (xa R^T), dR = s dyb^T xa. W0 never gets a
+dA = s (dyb R)^T x, dB = s dy^T (xa R^T), dR = s dyb^T xa. On the Triton backend
+dyb and dB come from one kernel that reads dy once (ranks up to its MAX_FUSED_RANK). W0 never gets a
 gradient. A, B and R may be fp32 beside a bf16 base (as PEFT keeps them): the
 fused GEMMs read them in the activations' dtype and their gradients come out
 in their own dtype, accumulated in fp32.
@@ -86,16 +87,27 @@ def backward(
     backend = backends.choose(INFO, dy.device)
     dy = dy.contiguous()
     empty = lambda: dy.new_empty(0)  # noqa: E731
-    dyb = _small(dy, lora_b, torch.float32)  # dy B, [T, r]
+    db = empty()
+    xs = None
+    if need_b:  # dB = dy^T xs with xs = s xa R^T, in dy's dtype
+        xr = xa if lora_r is None else xa @ lora_r.float().t()
+        xs = (xr * scale).to(dy.dtype)
+    fused = xs is not None and backend == "triton"
+    if fused:
+        from ..kernels import lora_matmul
+
+        fused = lora_b.shape[1] <= lora_matmul.MAX_FUSED_RANK
+    if fused:  # dy B and dB in one read of dy (the backward's largest operand after W0)
+        dyb, db32 = lora_matmul.dy_b_and_db(dy, lora_b.to(dy.dtype).contiguous(), xs)
+        db = db32.to(lora_b.dtype)
+    else:
+        dyb = _small(dy, lora_b, torch.float32)  # dy B, [T, r]
+        if xs is not None:
+            db = gemm.mm_f32(dy.t(), xs).to(lora_b.dtype)
     dyr = dyb if lora_r is None else dyb @ lora_r.float()  # d(xa R^T) = dy B R
     dx = _dual(dy, weight, (dyr * scale).to(dy.dtype), lora_a.to(dy.dtype), None, backend) \
         if need_x else empty()
     da = (gemm.mm_f32((dyr * scale).to(x.dtype).t(), x)).to(lora_a.dtype) if need_a else empty()
-    if need_b:
-        xr = xa if lora_r is None else xa @ lora_r.float().t()
-        db = gemm.mm_f32(dy.t(), (xr * scale).to(dy.dtype)).to(lora_b.dtype)
-    else:
-        db = empty()
     dr = (scale * dyb.t() @ xa).to(lora_r.dtype) if need_r and lora_r is not None else empty()
     dbias = dy.float().sum(0).to(dy.dtype) if need_bias else empty()
     return dx, da, db, dr, dbias

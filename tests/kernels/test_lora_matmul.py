@@ -58,7 +58,8 @@ def run_both(x, w, bias, a, b, rr, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("T,n_in,n_out,r", [(37, 48, 40, 4), (1, 16, 24, 8), (70, 33, 65, 3)])
+@pytest.mark.parametrize("T,n_in,n_out,r", [(37, 48, 40, 4), (1, 16, 24, 8), (70, 33, 65, 3),
+                                          (9, 16, 48, 40)])  # 40: past the fused dy kernel
 @pytest.mark.parametrize("bias", [False, True])
 def test_lora_linear_matches_reference(backend, device, dtype, T, n_in, n_out, r, bias):
     x, w, bb, a, b, _ = lora_inputs(T, n_in, n_out, r, dtype, device, bias)
@@ -161,3 +162,19 @@ def test_fake_tensors_and_the_flop_counter_take_the_custom_op():
         y = op.apply(fx, fw, None, fa.requires_grad_(), fb, None, 2.0)
         (gx,) = torch.autograd.grad(y.sum(), (fx,))
     assert y.shape == (4096, 4096) and gx.shape == fx.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,N,r,splits", [(70, 100, 5, 3), (33, 64, 32, 1), (1, 40, 16, None)])
+def test_dy_b_and_db_read_dy_once_and_match_two_gemms(device, dtype, T, N, r, splits):
+    """The fused kernel of the backward's two rank-r products against torch's GEMMs (fp32
+    accumulation of the same operands), over several N blocks and T spans, odd sizes."""
+    from fastft.kernels import lora_matmul
+
+    dy = rand(T, N, dtype=dtype, device=device, seed=7)
+    b = rand(N, r, dtype=dtype, device=device, seed=8)
+    xs = rand(T, r, dtype=dtype, device=device, seed=9)
+    dyb, db = lora_matmul.dy_b_and_db(dy, b, xs, splits=splits)
+    assert dyb.dtype == db.dtype == torch.float32 and dyb.shape == (T, r) and db.shape == (N, r)
+    assert_close(dyb, dy.float() @ b.float(), 1e-5)
+    assert_close(db, dy.float().t() @ xs.float(), 1e-5)
