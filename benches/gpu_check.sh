@@ -37,7 +37,8 @@ else
   DEVICE=cuda; QUICK=(); SCALE=1
 fi
 GPU_TESTS="${GPU_TESTS:-tests/losses/test_otr.py tests/losses/test_half_dz.py tests/losses/test_grad_w_rows.py \
-tests/losses/test_loss_scale.py tests/ops/test_hadamard.py tests/methods/test_roste.py}"
+tests/losses/test_loss_scale.py tests/ops/test_hadamard.py tests/methods/test_roste.py \
+tests/kernels/test_grad_scale.py tests/kernels/test_lora_matmul.py::test_dy_b_and_db_read_dy_once_and_match_two_gemms}"
 
 # fastft from this checkout: an editable install maps kernels/ and csrc/ into the package
 # (offline: no build isolation, no index); without setuptools, links inside the package
