@@ -58,7 +58,6 @@ from .safeio import (
 )
 
 __all__ = ["lines", "layer_of", "open_model", "check_same", "write_model", "write_streamed"]
-# and, from fastft/soups.py (module __getattr__ below): uniform_soup, greedy_soup, heldout_score
 
 WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX = "adapter_config.json", "adapter_model.safetensors", \
@@ -299,15 +298,6 @@ def write_model(out, primary, tensor_of, recipe: dict) -> Path:
 def check_equal(name: str, first: torch.Tensor, t: torch.Tensor, a: str, b: str) -> None:
     check(torch.equal(first, t), f"{name} ({first.dtype}, not a float) differs between {a} and "
           f"{b}: it cannot be averaged or interpolated")
-
-
-
-def __getattr__(name):  # the soups live in fastft/soups.py, beside this module's machinery
-    if name in ("uniform_soup", "greedy_soup", "heldout_score", "tokenizer_folder"):
-        from . import soups
-
-        return getattr(soups, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---- LiNeS --------------------------------------------------------------------------------
