@@ -21,11 +21,20 @@ Targets, per (op, params, dtype) measured on CUDA:
 - lora_sft (the step suite: a whole LoRA SFT step of Llama-3-8B-wide layers): fastft
   tokens/s >= 1.3x transformers+peft and >= 1.1x transformers+peft+liger, peak memory
   <= 0.6x transformers+peft.
+
+Then a roofline line per row with a shape (``roofline``): the op's minimal bytes and
+FLOPs (``op_cost``), the achieved GB/s and TFLOP/s, and the share of the roofline bound
+max(bytes / HBM rate, FLOPs / peak FLOP rate) that the row reaches, with the device's
+peaks picked by its name (``DEVICE_PEAKS``). Where the results hold a ``copy`` row on the
+device, its best measured bandwidth is the practical bound beside the sheet's (an H200
+copies at 3.6-4.3 TB/s of its 4.8). With OUT_JSON, the lines go to roofline.json beside it.
 """
 
 import json
+import math
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 LOSS_TARGETS = [("peak <= 0.2x reference", "reference", "peak_bytes", 0.2),
                 ("time <= reference", "reference", "median_ms", 1.0),
@@ -91,6 +100,143 @@ def judge(rows: list[dict]) -> list[dict]:
     return verdicts
 
 
+# Spec-sheet peaks, dense (no sparsity), matched in order on the device name:
+# (name part, HBM bytes/s, bf16/fp16 tensor-core FLOP/s, fp32 non-tensor FLOP/s)
+DEVICE_PEAKS = (
+    ("H200", 4.8e12, 989e12, 67e12),
+    ("H100 PCIe", 2.0e12, 756e12, 51e12),
+    ("H100", 3.35e12, 989e12, 67e12),  # SXM (the name reads "H100 80GB HBM3")
+    ("A100-SXM4-80GB", 2.039e12, 312e12, 19.5e12),
+)
+ELEM = {"fp32": 4, "bf16": 2, "fp16": 2}
+LOSSES = ("cross_entropy", "dft", "asft", "otr", "grpo")
+
+
+def device_peaks(device: str) -> dict | None:
+    """{name, hbm, tensor, vector} peaks of a device by its name, or None if not listed."""
+    for part, hbm, tensor, vector in DEVICE_PEAKS:
+        if part.lower() in device.lower():
+            return dict(name=part, hbm=hbm, tensor=tensor, vector=vector)
+    return None
+
+
+def _loss_cost(op: str, p: dict, e: int) -> dict:
+    """The fused loss head, forward and backward from hidden states: read h [T, H] and the
+    head [V, H] once, write dh (and, head trained, dW [V, H]); the logits GEMM and its two
+    gradient GEMMs (2 T V H each; no dW GEMM with the head frozen; ASFT also the reference
+    model's logits)."""
+    T, H, V = p["T"], p["H"], p["V"]
+    train = p.get("head", "train") == "train"
+    gemms = 2 + train + (op == "asft")
+    bytes_ = e * (2 * T * H + V * H * (1 + train) + T * H * (op == "asft")) + 8 * T
+    return dict(bytes=bytes_, flops=2 * T * V * H * gemms, kind="tensor")
+
+
+def _lora_cost(p: dict, e: int) -> dict:
+    """A LoRA linear forward and backward (dX, dA, dB; the base frozen): read x, W, dY, A, B
+    and write y, dX, dA, dB once; FLOPs of the base GEMM and dX (2 T n_in n_out each) and
+    the six rank-r products (2 T r (n_in + n_out) each pair)."""
+    T, i, o, r = p["T"], p["n_in"], p["n_out"], p["r"]
+    bytes_ = e * (2 * T * i + 2 * T * o + i * o + 2 * r * (i + o))
+    return dict(bytes=bytes_, flops=4 * T * i * o + 6 * T * r * (i + o), kind="tensor")
+
+
+def op_cost(op: str, params: dict, dtype: str, case_rows: list[dict]) -> dict | None:
+    """{bytes, flops, kind} of the least work an op's case needs: a formula of its shape
+    where there is one; else the fewest bytes any provider of the case reports moving
+    (``bytes_moved``: a sparse step counts the DRAM segments it touches) and the fewest
+    FLOPs FlopCounterMode counted for any of them (a training step). ``kind``: the FLOP
+    rate that bounds it ("tensor": GEMMs on tensor cores; "vector": element-wise fp32).
+    None where neither is known (optimizer state: nothing timed)."""
+    e = ELEM.get(dtype, 4)
+    if op in LOSSES and {"T", "H", "V"} <= set(params):
+        return _loss_cost(op, params, e)
+    if op == "lora_linear":
+        return _lora_cost(params, e)
+    if op in ("hadamard", "rotate_fake_quant"):  # one read and one write of x [rows, n]
+        rows, n = params["rows"], params["n"]  # the butterflies: n log2 n adds per row
+        extra = 8 if op == "rotate_fake_quant" else 0  # min/max and the quantizer per entry
+        return dict(bytes=2 * rows * n * e, flops=rows * n * (math.log2(n) + extra),
+                    kind="vector")
+    moved = [r["bytes_moved"] for r in case_rows if r.get("bytes_moved")]
+    counted = [r["flops"] for r in case_rows if r.get("flops")]
+    if not moved and not counted:
+        return None
+    kind = "vector" if op == "sparse_adamw_step" else "tensor"
+    return dict(bytes=min(moved) if moved else None, flops=min(counted) if counted else None,
+                kind=kind)
+
+
+def copy_bandwidth(rows: list[dict]) -> dict[str, float]:
+    """The best measured bandwidth (bytes/s) of a ``copy`` row per device: the practical
+    bound beside the sheet's HBM rate."""
+    best: dict[str, float] = {}
+    for r in rows:
+        if r["provider"] == "copy" and r.get("gbps"):
+            best[r["device"]] = max(best.get(r["device"], 0.0), r["gbps"] * 1e9)
+    return best
+
+
+def roofline(rows: list[dict]) -> list[dict]:
+    """One line per timed row with a shape: achieved GB/s and TFLOP/s of the op's minimal
+    work (``op_cost``), the roofline bound in ms on the device's sheet peaks and, where a
+    copy was measured on it, on that copy's bandwidth; ``pct``: bound / measured time."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["op"], json.dumps(r["params"], sort_keys=True), r["dtype"],
+                r.get("device"))].append(r)
+    copy = copy_bandwidth(rows)
+    out = []
+    for (op, _, dtype, device), case_rows in groups.items():
+        cost = op_cost(op, case_rows[0]["params"], dtype, case_rows)
+        if cost is None or not case_rows[0]["params"]:
+            continue
+        peaks = device_peaks(device or "")
+        for r in case_rows:
+            sec = r["median_ms"] * 1e-3
+            if sec <= 0:
+                continue
+            line = dict(op=op, provider=r["provider"], params=r["params"], dtype=dtype,
+                        device=device, median_ms=r["median_ms"], bytes=cost["bytes"],
+                        flops=cost["flops"],
+                        gbps=None if cost["bytes"] is None else cost["bytes"] / sec / 1e9,
+                        tflops=None if cost["flops"] is None else cost["flops"] / sec / 1e12)
+            if peaks:
+                line.update(_bounds(cost, peaks, copy.get(device), sec))
+            out.append(line)
+    return out
+
+
+def _bounds(cost: dict, peaks: dict, copy_bps: float | None, sec: float) -> dict:
+    """The roofline bound of ``cost`` on ``peaks`` (and on a measured copy's bandwidth):
+    which resource binds, the bound in ms and its share of the measured ``sec``."""
+    t_mem = cost["bytes"] / peaks["hbm"] if cost["bytes"] else 0.0
+    t_flop = cost["flops"] / peaks[cost["kind"]] if cost["flops"] else 0.0
+    got = dict(peak=peaks["name"], bound="memory" if t_mem >= t_flop else "compute",
+               bound_ms=max(t_mem, t_flop) * 1e3, pct=100 * max(t_mem, t_flop) / sec)
+    if copy_bps and cost["bytes"]:
+        practical = max(cost["bytes"] / copy_bps, t_flop)
+        got.update(copy_tbps=copy_bps / 1e12, pct_copy=100 * practical / sec)
+    return got
+
+
+def format_roofline(line: dict) -> str:
+    """One printed roofline line: op, provider, params, time, achieved rates, bound."""
+    params = ", ".join(f"{k}={x}" for k, x in line["params"].items())
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    text = (f"{line['op']:<16} {line['provider']:<22} {params:<44} {line['dtype']:<5} "
+            f"{line['median_ms']:9.3f} ms  {fmt(line['gbps'], '8.1f')} GB/s  "
+            f"{fmt(line['tflops'], '7.2f')} TFLOP/s")
+    if "pct" in line:
+        text += (f"  {line['pct']:5.1f}% of {line['bound']} roofline "
+                 f"({line['peak']}, {line['bound_ms']:.3f} ms)")
+    else:
+        text += f"  (no peaks known for {line['device']})"
+    if "pct_copy" in line:
+        text += f", {line['pct_copy']:5.1f}% of a copy's {line['copy_tbps']:.2f} TB/s"
+    return text
+
+
 def main(argv: list[str]) -> int:
     rows = [r for r in json.load(open(argv[0])) if "cpu" not in r["device"].lower()
             or "--any-device" in argv]
@@ -100,8 +246,13 @@ def main(argv: list[str]) -> int:
         print(f"{'MET ' if v['met'] else 'MISS'}  {v['op']:<16} {params:<40} {v['dtype']:<5} "
               f"{v['target']:<26} {v['ratio']:.3f} (limit {v['limit']})")
     print(f"{sum(v['met'] for v in verdicts)} of {len(verdicts)} targets met")
+    lines = roofline(rows)
+    print("\nroofline: the op's minimal bytes and FLOPs, achieved rates, share of the bound")
+    for line in lines:
+        print(format_roofline(line))
     if len(argv) > 1 and not argv[1].startswith("--"):
         json.dump(verdicts, open(argv[1], "w"), indent=1)
+        json.dump(lines, open(Path(argv[1]).with_name("roofline.json"), "w"), indent=1)
     return 0
 
 

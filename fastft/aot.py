@@ -8,6 +8,11 @@ cubin's resources are read with Triton's cuobjdump: registers and local memory
 instruction, the global loads and how many are vector loads, the asynchronous copies).
 Matrix kernels must show ``wgmma`` in their sm_90 PTX. CUDA sources in csrc/ are compiled with nvcc for the same archs.
 A row fails on a compile error, any spill, or shared memory over the limit.
+
+Each Triton row also gets its SASS instructions per element (``instructions_per_element``)
+and the budget of its kernel (``BUDGETS``); a row over its budget is OVER and fails the
+check: a regression such as a tile read through scalar loads shows there before any GPU
+runs it.
 """
 
 from __future__ import annotations
@@ -20,11 +25,70 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from . import extensions
 
 ARCHS = ("sm_90", "sm_80")
+
+# Elements one program handles in one pass of its code, per kernel (the ``name`` of its
+# specs), from the spec's constexprs. A loop over a dimension of run-time size (V, K, n)
+# counts one iteration's tile: its body is in the SASS once, however often it runs.
+ELEMENTS: dict[str, Callable[[dict], int]] = {
+    "row_stats": lambda c: c["BLOCK_V"],  # one vocabulary tile of the row's sweep
+    "row_grad": lambda c: c["BLOCK_V"],
+    "gumbel_race": lambda c: c["BLOCK_V"],  # one tile of a span, all (K + 7) // 8 sweeps
+    "gumbel_combine": lambda c: c["K"] * c["S_PAD"],  # the spans' best scores of one row
+    "dual_matmul": lambda c: c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"],  # MACs, one K step
+    "dy_b_db": lambda c: c["BLOCK_T"] * c["BLOCK_N"],  # one tile of dY (two rank-r products)
+    "sparse_adam": lambda c: c["BLOCK"],  # entries
+    "sparse_adam_multi": lambda c: c["BLOCK"],
+    # a tile of ROWS rows: KP (K padded) segments of P with a dot, else one output segment
+    "hadamard": lambda c: c.get("KP", 1) * c["ROWS"] * c["P"],
+    "rotate_quant": lambda c: c.get("KP", 1) * c["ROWS"] * c["P"],
+    "quant_rows": lambda c: c["ROWS"] * c["BLOCK"],  # one tile (one step of each sweep)
+    "grad_scale": lambda c: c["BLOCK"],
+}
+
+# SASS instructions per element each kernel may reach (see instructions_per_element): about
+# 15% over the largest of its variants as Triton 3.9 compiles them today (the range of each
+# in the comment); a callable where its variants differ by design (samples drawn, a
+# reference row, a K factor by tl.dot, packed short rows, the arch's MMA), reading the
+# spec's constexprs and ``arch``. Raise a budget here, with the reason in the commit, when a
+# kernel does more work per element on purpose.
+GEMM_TILES = {  # (arch, BLOCK_M, BLOCK_N): dual_matmul per MAC of one K step
+    ("sm_90", 128, 256): 0.22, ("sm_90", 128, 128): 0.27, ("sm_90", 64, 128): 0.39,  # wgmma
+    ("sm_80", 128, 256): 0.29, ("sm_80", 128, 128): 0.37, ("sm_80", 64, 128): 0.47,  # mma
+}
+
+
+def _gemm_budget(c: dict) -> float:
+    """dual_matmul's budget for its tile (a tile not listed: the loosest of its arch)."""
+    key = (c["arch"], c["BLOCK_M"], c["BLOCK_N"])
+    return GEMM_TILES.get(key, max((v for k, v in GEMM_TILES.items() if k[0] == c["arch"]),
+                                   default=None))
+
+
+BUDGETS: dict[str, float | Callable[[dict], float]] = {
+    "row_stats": 102,  # 74.5-89
+    "row_grad": lambda c: 151 if c["HAS_REF"] else 58,  # 119-131 with a reference; 44-50
+    "gumbel_race": lambda c: 150 * c["K"],  # per sample drawn: 128-130.5 (K = 8, 12)
+    "gumbel_combine": 600,  # 504-520 (one warp, K x S_PAD scores)
+    "grad_scale": 6.5,  # 4.5-5.5
+    "dual_matmul": _gemm_budget,  # 0.184-0.338 on sm_90, 0.237-0.402 on sm_80
+    "dy_b_db": lambda c: 15.5 if c["R_PAD"] <= 16 else 17.5,  # 9.6-13.1; 13.9-14.9
+    "sparse_adam": 129,  # 102-112
+    "sparse_adam_multi": 127,  # 97-110
+    # no K 25.5-36; K segments 32-46.5; by tl.dot 38-85.5, growing with KP (16, 32)
+    "hadamard": lambda c: (44 + 1.75 * c["KP"]) if c.get("DOT") else 54 if c["HAS_K"] else 42,
+    # by tl.dot: 91.5-116.5 one row a tile, 106-210 packed rows; segments with K: 81-106.5
+    # (100.5-115 packed, ROWS >= 8); no K: 49-67.5 (87.5-127 packed)
+    "rotate_quant": lambda c: ((242 if c["ROWS"] > 1 else 134) if c.get("DOT")
+                               else (133 if c["ROWS"] >= 8 else 123) if c["HAS_K"]
+                               else (146 if c["ROWS"] >= 8 else 78)),
+    "quant_rows": lambda c: 49 if c["ONE_TILE"] else 58,  # one tile 32.5-42; sweeps 44-50
+}
 
 
 def _cuobjdump() -> str:
@@ -74,6 +138,58 @@ def sass_counts(sass: str) -> dict:
                 async_copies=sum(1 for o in ops if o.startswith(("LDGSTS", "UTMALDG"))))
 
 
+def instructions_per_element(instructions: int, spec: dict) -> float | None:
+    """SASS instructions per element of one pass: the static count times the threads of a
+    program (each thread runs each instruction once per pass), divided by the elements that
+    pass covers (``ELEMENTS``). That is the count per element of one thread's share:
+    comparable across block sizes and warp counts. None for a kernel not in ``ELEMENTS``.
+
+    Static counts include the prologue and epilogue, and a loop body counted once stands for
+    all its iterations: for a kernel that loops (over V, K or n), the figure is the loop's
+    per-element cost plus a fixed share, an upper bound on the steady-state count."""
+    per = ELEMENTS.get(spec["name"])
+    if per is None or not instructions:
+        return None
+    try:
+        elements = per(spec["constexprs"])
+    except KeyError:  # a constexpr renamed in the kernel: its row reads "no budget"
+        return None
+    return instructions * 32 * spec["options"].get("num_warps", 4) / elements
+
+
+def budget(spec: dict, arch: str) -> float | None:
+    """The instructions-per-element budget of ``spec`` compiled for ``arch`` (``BUDGETS``;
+    a callable budget reads the constexprs and ``arch``), or None where none is set."""
+    b = BUDGETS.get(spec["name"])
+    try:
+        return b(dict(spec["constexprs"], arch=arch)) if callable(b) else b
+    except KeyError:  # a constexpr renamed in the kernel: its row reads "no budget"
+        return None
+
+
+def judge_budget(row: dict, spec: dict, arch: str) -> dict:
+    """Fill ``instr_per_elem``, ``budget`` and ``over`` (over its budget) of a compiled row."""
+    ipe = instructions_per_element(row["instructions"], spec)
+    limit = budget(spec, arch)
+    row.update(instr_per_elem=None if ipe is None else round(ipe, 3), budget=limit,
+               over=ipe is not None and limit is not None and ipe > limit)
+    return row
+
+
+def toolchain() -> dict:
+    """The versions that decide the SASS: Triton's, and that of the ptxas it ships."""
+    import triton
+
+    ptxas = Path(_cuobjdump()).with_name("ptxas")
+    try:
+        out = subprocess.run([str(ptxas), "--version"], capture_output=True, text=True).stdout
+        m = re.search(r"release ([\d.]+), V([\d.]+)", out)
+        ptxas_v = m.group(2) if m else "unknown"
+    except OSError:
+        ptxas_v = "missing"
+    return dict(triton=triton.__version__, ptxas=ptxas_v)
+
+
 def compile_spec(spec: dict, arch: str) -> dict:
     """Compile one Triton spec for ``arch``; return its report row."""
     import triton
@@ -83,7 +199,8 @@ def compile_spec(spec: dict, arch: str) -> dict:
     num = int(arch.split("_")[1])
     row = dict(kernel=spec["name"], config=spec["config"], arch=arch, registers=0,
                spill_bytes=0, shared_bytes=0, wgmma="-", instructions=0, ldg=0,
-               ldg_vector=0, async_copies=0, ok=True, error="")
+               ldg_vector=0, async_copies=0, instr_per_elem=None, budget=None, over=False,
+               ok=True, error="")
     # As Triton's launcher specialises them at run time: integer arguments equal to 1
     # become constants, and pointers/integers divisible by 16 are marked so.
     fn = spec["kernel"]
@@ -114,6 +231,7 @@ def compile_spec(spec: dict, arch: str) -> dict:
         return row
     row["registers"] = res["registers"]
     row.update(sass_counts(sass))
+    judge_budget(row, spec, arch)
     # Local memory per thread: register spills (and arrays the compiler could not keep
     # in registers); either is a kernel that will not run at speed.
     row["spill_bytes"] = res["local_bytes"]
@@ -176,8 +294,10 @@ def check(archs=ARCHS, jobs: int | None = None) -> list[dict]:
     return [row for rows in results for row in rows]
 
 
-def run_in_clean_process(archs) -> int:
+def run_in_clean_process(archs, json_path: str | None = None) -> int:
     """Triton's interpreter replaces the compiler: run the check in a process without it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "fastft.cli", "check-kernels", "--arch", ",".join(archs)]
+    cmd = [sys.executable, "-m", "fastft.cli", "check-kernels"]
+    cmd += ["--json", json_path] if json_path else []
+    cmd += ["--arch", ",".join(archs)]
     return subprocess.call(cmd, env=env)

@@ -64,7 +64,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _kernel_status(r: dict) -> str:
+    """A check-kernels row's verdict: ok, FAIL (compile, spills, shared memory, wgmma),
+    OVER (instructions per element over the kernel's budget) or skipped."""
+    if r["ok"] is None:
+        return "skipped: " + r["error"]
+    if r["ok"] is False:
+        return "FAIL: " + r["error"]
+    if r.get("over"):
+        return f"OVER: {r['instr_per_elem']:.4g} > {r['budget']:.4g} instr/elem"
+    if r.get("budget") is None and str(r.get("file", "")).startswith("kernels/"):
+        return "ok (no budget)"  # a Triton kernel missing from aot.ELEMENTS or aot.BUDGETS
+    return "ok"
+
+
 def cmd_check_kernels(args) -> int:
+    import json
+
     from . import aot, backends
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
@@ -72,17 +88,29 @@ def cmd_check_kernels(args) -> int:
         if a not in aot.extensions.SMEM_LIMIT:
             raise FastftError(f"unknown arch {a!r}; use sm_90 and/or sm_80")
     if backends.interpreter_on():
-        return aot.run_in_clean_process(archs)
+        return aot.run_in_clean_process(archs, json_path=args.json)
+    tools = aot.toolchain()
+    print(f"Triton {tools['triton']} (ptxas {tools['ptxas']}), archs {', '.join(archs)}\n")
     rows = aot.check(archs)
-    for r in rows:
-        r["status"] = "ok" if r["ok"] else ("FAIL: " + r["error"] if r["ok"] is False
-                                           else "skipped: " + r["error"])
-    print(_table(rows, ["file", "kernel", "config", "arch", "registers", "spill_bytes",
-                        "shared_bytes", "wgmma", "instructions", "ldg", "ldg_vector",
-                        "async_copies", "status"]))
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    shown = [dict(r, status=_kernel_status(r), budget=fmt(r.get("budget")),
+                  **{"instr/elem": fmt(r.get("instr_per_elem"))}) for r in rows]
+    print(_table(shown, ["file", "kernel", "config", "arch", "registers", "spill_bytes",
+                         "shared_bytes", "wgmma", "instructions", "ldg", "ldg_vector",
+                         "async_copies", "instr/elem", "budget", "status"]))
     failed = [r for r in rows if r["ok"] is False]
+    over = [r for r in rows if r["ok"] and r.get("over")]
     print(f"\n{len(rows) - len(failed)} of {len(rows)} compiled clean for {', '.join(archs)}")
-    return 1 if failed else 0
+    if over:
+        print(f"{len(over)} over their instructions-per-element budget (aot.BUDGETS):")
+        for r in over:
+            print(f"  {r['kernel']} [{r['config']}] {r['arch']}: {r['instr_per_elem']:.4g} "
+                  f"> {r['budget']:.4g}")
+    if args.json:
+        keep = [{k: v for k, v in r.items() if k != "source"} for r in rows]
+        with open(args.json, "w") as f:
+            json.dump(dict(toolchain=tools, archs=archs, rows=keep), f, indent=1, default=str)
+    return 1 if failed or over else 0
 
 
 def _bench_filter(text: str | None, field: str, names: list[str], device: str,
@@ -251,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("check-kernels",
-                       help="compile every kernel ahead of time for GPUs; fail on spills")
+                       help="compile every kernel ahead of time for GPUs; fail on spills or "
+                       "instructions per element over budget")
     s.add_argument("--arch", default="sm_90,sm_80", help="comma-separated archs (sm_90,sm_80)")
+    s.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the rows (and the Triton and ptxas versions) as JSON")
     s.set_defaults(func=cmd_check_kernels)
 
     s = sub.add_parser("bench", help="run a benchmark suite")

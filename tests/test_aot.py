@@ -107,3 +107,93 @@ def test_hadamard_and_fake_quant_kernels_compile_for_hopper_without_spills(tmp_p
     for r in rows:
         assert r["ok"] and r["registers"] > 0 and r["spill_bytes"] == 0, r
     assert rows[0]["shared_bytes"] == 32768 * 4  # the layout exchanges of the transform
+
+
+def test_instructions_per_element_count_a_threads_share_of_one_pass():
+    """512 instructions, 4 warps (128 threads) over a 1024-wide tile: each thread runs all 512
+    for its 8 elements, 64 per element; budgets as numbers or callables of the constexprs."""
+    from fastft import aot
+
+    spec = dict(name="row_stats", constexprs={"BLOCK_V": 1024}, options={"num_warps": 4})
+    assert aot.instructions_per_element(512, spec) == 64.0
+    assert aot.instructions_per_element(512, dict(spec, name="unknown")) is None
+    assert aot.instructions_per_element(0, spec) is None  # a row that did not compile
+    row = aot.judge_budget(dict(instructions=512), spec, "sm_90")
+    assert row["instr_per_elem"] == 64.0 and row["budget"] == aot.BUDGETS["row_stats"]
+    assert row["over"] is False
+    row = aot.judge_budget(dict(instructions=4 * 512), spec, "sm_90")  # four times the work
+    assert row["over"] is True
+    mm = dict(name="dual_matmul", options={"num_warps": 8},
+              constexprs={"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64})
+    assert aot.instructions_per_element(1024, mm) == 1024 * 256 / (128 * 256 * 64)
+    assert aot.budget(mm, "sm_90") < aot.budget(mm, "sm_80")  # wgmma against mma.sync
+
+
+def test_every_shipped_kernel_has_its_elements_and_a_budget():
+    """Each spec name of kernels/*.py is in aot.ELEMENTS and aot.BUDGETS (and nothing else
+    is): a new or renamed kernel needs its line in both tables."""
+    from fastft import aot
+
+    specs = aot.triton_specs()
+    names = {s["name"] for s in specs}
+    assert names == set(aot.ELEMENTS) == set(aot.BUDGETS), (
+        f"missing: {sorted(names - set(aot.ELEMENTS) | names - set(aot.BUDGETS))}; "
+        f"stale: {sorted(set(aot.ELEMENTS) - names | set(aot.BUDGETS) - names)}")
+    for s in specs:
+        assert aot.ELEMENTS[s["name"]](s["constexprs"]) > 0
+        for arch in aot.ARCHS:
+            assert aot.budget(s, arch) > 0, (s["name"], s["config"], arch)
+
+
+def test_check_kernels_prints_the_version_and_fails_on_a_kernel_over_budget(
+        monkeypatch, capsys, tmp_path):
+    from fastft import aot, backends
+    from fastft.cli import main
+
+    base = dict(file="kernels/x.py", config="c", arch="sm_90", registers=32, spill_bytes=0,
+                shared_bytes=0, wgmma="-", instructions=100, ldg=1, ldg_vector=1,
+                async_copies=0, ok=True, error="")
+    rows = [dict(base, kernel="fine", instr_per_elem=10.0, budget=12.0, over=False),
+            dict(base, kernel="slow", instr_per_elem=30.0, budget=12.0, over=True),
+            dict(base, kernel="k", file="csrc/k.cu", config="nvcc -O3")]
+    monkeypatch.setattr(backends, "interpreter_on", lambda: False)
+    monkeypatch.setattr(aot, "toolchain", lambda: dict(triton="9.9.9", ptxas="1.2"))
+    monkeypatch.setattr(aot, "check", lambda archs: [dict(r) for r in rows])
+    out_json = tmp_path / "rows.json"
+    assert main(["check-kernels", "--arch", "sm_90", "--json", str(out_json)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("Triton 9.9.9 (ptxas 1.2)")
+    assert "OVER: 30 > 12 instr/elem" in out and "slow [c] sm_90: 30 > 12" in out
+    assert "instr/elem" in out.splitlines()[2] and "budget" in out.splitlines()[2]
+    stored = json.loads(out_json.read_text())
+    assert stored["toolchain"]["triton"] == "9.9.9" and len(stored["rows"]) == 3
+    monkeypatch.setattr(aot, "check", lambda archs: [dict(r) for r in rows if not r.get("over")])
+    assert main(["check-kernels", "--arch", "sm_90"]) == 0
+    assert "OVER" not in capsys.readouterr().out
+
+
+REGRESSION_SCRIPT = textwrap.dedent("""
+    import json
+    from fastft import aot
+    from fastft.kernels import lora_matmul
+
+    spec = next(s for s in lora_matmul.aot_specs() if s["config"].startswith("128x128x64"))
+    bare = dict(spec, hints={})  # no alignment hints: plain loads, no cp.async pipeline
+    print(json.dumps([aot.compile_spec(s, "sm_90") for s in (spec, bare)]))
+""")
+
+
+@pytest.mark.slow
+def test_a_gemm_tile_read_without_its_pipelined_loads_is_over_budget(tmp_path):
+    """The LoRA GEMM tile as shipped stays within its budget; the same tile without the
+    launcher's alignment hints, read by scalar loads with no asynchronous copies, is OVER."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "aot_regression.py"
+    script.write_text(REGRESSION_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shipped, bare = json.loads(out.stdout.strip().splitlines()[-1])
+    assert shipped["ok"] and shipped["async_copies"] > 0 and not shipped["over"], shipped
+    assert bare["async_copies"] == 0 and bare["over"], bare
+    assert bare["instr_per_elem"] > 2 * shipped["instr_per_elem"]
