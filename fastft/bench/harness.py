@@ -1,17 +1,22 @@
 """The one benchmark harness: time, peak memory and FLOPs of a case, as JSON rows.
 
 A suite (fastft/bench/suites/<name>.py) lists cases; a case builds its inputs
-and returns a function that runs the measured work once. For each case:
+and returns a function that runs the measured work once. The providers of one case
+(consecutive cases of one op, params and dtype, built from the same seeded inputs)
+are measured together (``measure_group``): each is built, warmed up and its peak
+memory taken in turn, then all are timed interleaved, round after round, so that
+clock and thermal drift fall on every provider alike (``interleaved_times``):
 
-- time: on CUDA, CUDA events over a count of runs (at least 25, more for a fast case
-  up to 1.5 s; the L2 cache cleared before each), with a CUDA-graph time beside it for
-  cases under 0.5 ms (``graph_median_ms``) and ``recompiled`` where Triton compiled new
-  variants while the case was timed; on CPU, a monotonic clock over repeats after a
-  warm-up; median, p20, p80, and ``reps``, the number of timed runs;
+- time: a count of timed runs, at least 25 (``MIN_REPS``), more for a fast case up to
+  1.5 s of runs (and 1000), on CUDA by CUDA events (the L2 cache cleared before each
+  run), with a CUDA-graph time beside it for cases under 0.5 ms (``graph_median_ms``)
+  and ``recompiled`` where Triton compiled new variants while the case was timed; on
+  the CPU by a monotonic clock; median, p20, p80, ``reps`` (the timed runs) and
+  ``interleaved`` (the providers timed together);
 - peak memory above the baseline taken once the inputs exist: on CUDA,
-  ``torch.cuda.max_memory_allocated``; on CPU, each case runs in a fresh
-  subprocess and reports its peak RSS (VmHWM, reset after the warm-up through
-  /proc/self/clear_refs) above the RSS before the measured run;
+  ``torch.cuda.max_memory_allocated``; on CPU, each case's group runs in a fresh
+  subprocess and each case reports its peak RSS (VmHWM, reset after its warm-up
+  through /proc/self/clear_refs) above the RSS before its measured run;
 - FLOPs by ``torch.utils.flop_counter.FlopCounterMode`` over the warm-up run;
 - with ``FASTFT_BENCH_REHEARSAL=1`` (the device check's CPU rehearsal), CPU cases run in
   this process with 3 timed runs each: a check that every case runs, not a measurement
@@ -104,38 +109,94 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-MIN_REPS = 25  # timed runs of a CUDA case, at least
+MIN_REPS = 25  # timed runs of a case, at least (CUDA and CPU)
 TIME_BUDGET_MS = 1500.0  # a fast case runs more often, up to this much time (and 1000 runs)
+MAX_REPS = 1000
 GRAPH_BELOW_MS = 0.5  # cases faster than this also get a CUDA-graph time
+WARMUPS = {"cuda": 3, "cpu": 0}  # untimed runs before timing (CPU: measure's runs suffice)
 _FLUSH = None
 
 
-def cuda_times(fn, *, min_reps: int = MIN_REPS, budget_ms: float = TIME_BUDGET_MS) -> list[float]:
-    """Milliseconds of each of n timed runs of ``fn`` (CUDA events), n from a count, not a
-    time: at least ``min_reps``, more for a fast case, up to ``budget_ms`` of runs; the
-    L2 cache cleared (a 256 MB write, outside the timed span) before each run."""
+def rep_count(one_ms: float | None, *, min_reps: int = MIN_REPS,
+              budget_ms: float = TIME_BUDGET_MS, max_reps: int = MAX_REPS) -> int:
+    """Timed runs of a case that took ``one_ms`` once: at least ``min_reps``, more for a fast
+    case, up to ``budget_ms`` of runs, never over ``max_reps`` (which wins over the floor:
+    a rehearsal's 3). A count, not a time, so that every provider gets its full count."""
+    fill = int(budget_ms // max(one_ms, 1e-3)) if one_ms is not None else 0
+    return int(min(max_reps, max(min_reps, fill)))
+
+
+def rounds(counts: list[int]) -> list[list[int]]:
+    """The interleaving of timed runs: per round, how many consecutive runs each provider
+    does. There are as many rounds as the fewest runs asked, each provider's runs spread
+    evenly over them, so a fast provider runs a block of several runs where a slow one runs
+    one, and all of them span the same stretch of time."""
+    n = max(1, min(counts))
+    return [[c * (r + 1) // n - c * r // n for c in counts] for r in range(n)]
+
+
+def _cuda_run(fn):
+    """One timed run of ``fn`` between CUDA events, the L2 cache cleared (a 256 MB write,
+    outside the timed span) before it; returns a function giving its milliseconds once the
+    device has synchronised."""
     global _FLUSH
     if _FLUSH is None:
         _FLUSH = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _FLUSH.zero_()
+    a.record()
     fn()
-    end.record()
-    torch.cuda.synchronize()
-    one = max(start.elapsed_time(end), 1e-3)
-    n = int(max(min_reps, min(1000, budget_ms // one)))
-    marks = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(n)]
-    for a, b in marks:
-        _FLUSH.zero_()
-        a.record()
-        fn()
-        b.record()
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) for a, b in marks]
+    b.record()
+    return lambda: a.elapsed_time(b)
+
+
+def _cpu_run(fn):
+    """One timed run of ``fn`` on the monotonic clock; returns a function giving its ms."""
+    t0 = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t0) * 1e3
+    return lambda: ms
+
+
+def interleaved_times(fns: list, device: str, *, min_reps: int = MIN_REPS,
+                      budget_ms: float = TIME_BUDGET_MS, max_reps: int = MAX_REPS,
+                      probe: Callable[[], int] | None = None):
+    """Milliseconds of each timed run of each of ``fns`` (the providers of one case), their
+    runs interleaved: round after round, each provider runs its block (``rounds``), the
+    first provider of a round rotating, so that clock and thermal drift fall on all alike.
+
+    Each fn gets ``WARMUPS[device]`` untimed runs, then, where its count depends on its
+    speed, one run that sets it (``rep_count``). ``probe`` (e.g. ``triton_cache_entries``)
+    is read before and after each block: returns (times per fn, the sum of each fn's
+    probe changes)."""
+    run = _cuda_run if device == "cuda" else _cpu_run
+    counts = []
+    for fn in fns:
+        for _ in range(WARMUPS.get(device, 0)):
+            fn()
+        one = None
+        if budget_ms > 0 and max_reps > min_reps:
+            _sync(device)
+            first = run(fn)
+            _sync(device)
+            one = first()
+        counts.append(rep_count(one, min_reps=min_reps, budget_ms=budget_ms,
+                                max_reps=max_reps))
+    pending, changes = [[] for _ in fns], [0] * len(fns)
+    for r, blocks in enumerate(rounds(counts)):
+        for j in range(len(fns)):
+            i = (j + r) % len(fns)
+            before = probe() if probe else 0
+            pending[i] += [run(fns[i]) for _ in range(blocks[i])]
+            changes[i] += (probe() - before) if probe else 0
+    _sync(device)
+    return [[t() for t in p] for p in pending], changes
+
+
+def cuda_times(fn, *, min_reps: int = MIN_REPS, budget_ms: float = TIME_BUDGET_MS) -> list[float]:
+    """Milliseconds of each of n timed runs of ``fn`` alone (CUDA events), n from a count,
+    not a time (``rep_count``)."""
+    return interleaved_times([fn], "cuda", min_reps=min_reps, budget_ms=budget_ms)[0][0]
 
 
 def graph_median_ms(fn, case: Case) -> float | None:
@@ -161,21 +222,27 @@ def triton_cache_entries() -> int:
         return 0
 
 
-def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int = 20) -> dict:
-    """Run one case in this process and return its result row."""
+def _note(case: Case, text: str) -> None:
+    print(f"note {case.op}/{case.provider}: {text}", file=sys.stderr, flush=True)
+
+
+def _counted_warmup(case: Case, fn) -> int | None:
+    """The warm-up run, its FLOPs counted (None where a FLOP formula of this torch rejects
+    an op: the run is repeated uncounted, so a failure of the case itself still raises)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    fn = case.build()
-    extra_row: dict = {}
     try:
-        with FlopCounterMode(display=False) as fc:  # the warm-up run, counted
+        with FlopCounterMode(display=False) as fc:
             fn()
-        flops = fc.get_total_flops()
+        return fc.get_total_flops()
     except Exception as e:  # noqa: BLE001 (a FLOP formula of this torch that rejects an op)
-        fn()  # the warm-up, uncounted: a failure of the case itself raises here
-        flops = None
-        print(f"note {case.op}/{case.provider}: FLOPs not counted ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:160]})", file=sys.stderr, flush=True)
+        fn()
+        _note(case, f"FLOPs not counted ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        return None
+
+
+def _peak_bytes(fn, device: str) -> int:
+    """Peak memory of one run of ``fn`` above what was live before it."""
     _sync(device)
     gc.collect()
     if device == "cuda":
@@ -184,48 +251,125 @@ def measure(case: Case, device: str, *, min_seconds: float = 1.0, max_reps: int 
         torch.cuda.reset_peak_memory_stats()
         fn()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        compiled = triton_cache_entries()
-        times = cuda_times(fn)
-        recompiled = triton_cache_entries() - compiled
-        if recompiled > 0:  # new Triton variants compiled while timed: the time includes them
-            extra_row["recompiled"] = recompiled
-            print(f"note {case.op}/{case.provider}: {recompiled} Triton kernel(s) compiled "
-                  "during the timed runs; its time includes compilation", file=sys.stderr,
-                  flush=True)
-        if statistics.median(times) < GRAPH_BELOW_MS:  # launch overhead is a large part
-            extra_row["graph_median_ms"] = graph_median_ms(fn, case)
-    else:
-        # Every allocation over 128 KiB gets its own mapping, returned when freed, so
-        # that the RSS follows the live tensors instead of glibc's cached heap.
-        _malloc(128 << 10)
-        base = _rss_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-        fn()
-        peak = max(0, _rss_kib("VmHWM") - base) * 1024
-        _malloc(32 << 20)  # glibc's own ceiling for its dynamic threshold: steady-state timing
-        times, start = [], time.perf_counter()
-        while len(times) < max_reps and (len(times) < 3 or time.perf_counter() - start < min_seconds):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        return torch.cuda.max_memory_allocated() - base
+    # Every allocation over 128 KiB gets its own mapping, returned when freed, so that the
+    # RSS follows the live tensors instead of glibc's cached heap.
+    _malloc(128 << 10)
+    base = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
+    fn()
+    peak = max(0, _rss_kib("VmHWM") - base) * 1024
+    _malloc(32 << 20)  # glibc's own ceiling for its dynamic threshold: steady-state timing
+    return peak
+
+
+def _prepare(case: Case, device: str) -> dict:
+    """Build a case and run it untimed: its FLOPs (the warm-up run) and peak memory."""
+    fn = case.build()
+    flops = _counted_warmup(case, fn)
+    return dict(case=case, fn=fn, flops=flops, peak=_peak_bytes(fn, device))
+
+
+def _row(prep: dict, times: list[float], device: str, extra_row: dict) -> dict:
+    """The result row of a prepared case from its timed runs."""
+    case, fn, flops = prep["case"], prep["fn"], prep["flops"]
     q = statistics.quantiles(times, n=10, method="inclusive")
     med, p20, p80 = statistics.median(times), q[1], q[7]
-    extra_row["reps"] = len(times)
     row = dict(op=case.op, provider=case.provider, params=case.params, dtype=case.dtype,
                device=device_name(device), median_ms=round(med, 4), p20_ms=round(p20, 4),
-               p80_ms=round(p80, 4), peak_bytes=int(peak),
+               p80_ms=round(p80, 4), peak_bytes=int(prep["peak"]),
                flops=None if flops is None else int(flops),
                tflops=None if flops is None else
                round(flops / (med * 1e-3) / 1e12, 4) if med > 0 else 0.0,
-               commit=commit())
-    row.update(extra_row)
+               commit=commit(), reps=len(times), **extra_row)
     extra = dict(getattr(fn, "metrics", None) or {})
     if "bytes_moved" in extra and med > 0:
         extra["gbps"] = round(extra["bytes_moved"] / (med * 1e-3) / 1e9, 3)
     if "tokens" in extra and med > 0:
         extra["tokens_per_s"] = round(extra["tokens"] / (med * 1e-3), 1)
     row.update(extra)
+    return row
+
+
+def _time_alone(fn, device: str, **kw) -> tuple:
+    """(times, probe change) of ``fn`` timed by itself, or (the exception it raised, 0)."""
+    try:
+        times, changes = interleaved_times([fn], device, **kw)
+        return times[0], changes[0]
+    except Exception as e:  # noqa: BLE001 (the case's own failure, reported on its row)
+        return e.with_traceback(None), 0  # its frames hold the case's tensors
+
+
+def _time_rows(preps: list[dict], device: str, *, min_seconds: float, max_reps: int):
+    """Rows of prepared cases timed together (``interleaved_times``); where that fails (one
+    case raising mid-run), each is timed alone so that the others keep their rows."""
+    kw = dict(budget_ms=min_seconds * 1e3, max_reps=max_reps,
+              probe=triton_cache_entries if device == "cuda" else None)
+    together = len(preps) > 1
+    try:
+        results = list(zip(*interleaved_times([p["fn"] for p in preps], device, **kw)))
+    except Exception:  # noqa: BLE001 (the failing case raises again alone, as its own error)
+        together = False
+        results = [_time_alone(p["fn"], device, **kw) for p in preps]
+    rows = []
+    for p, (times, recompiled) in zip(preps, results):
+        if isinstance(times, Exception):
+            rows.append(times)
+            continue
+        extra = {"interleaved": len(preps)} if together else {}
+        if recompiled > 0:  # new Triton variants compiled while timed: the time includes them
+            extra["recompiled"] = recompiled
+            _note(p["case"], f"{recompiled} Triton kernel(s) compiled during the timed runs; "
+                  "its time includes compilation")
+        if device == "cuda" and statistics.median(times) < GRAPH_BELOW_MS:  # launch overhead
+            extra["graph_median_ms"] = graph_median_ms(p["fn"], p["case"])
+        rows.append(_row(p, times, device, extra))
+    return rows
+
+
+def measure_group(cases: list[Case], device: str, *, min_seconds: float = TIME_BUDGET_MS / 1e3,
+                  max_reps: int = MAX_REPS) -> list[dict | Exception]:
+    """Run the providers of one case (same op, params and dtype) in this process: each is
+    built, warmed up (FLOPs counted) and its peak memory measured in turn, then all are timed
+    interleaved. Returns a row, or the exception that case raised, per case.
+
+    On CUDA a case that runs out of memory beside the others is measured alone after them
+    (its row has no ``interleaved``). ``min_seconds``: the time budget of a fast case's runs;
+    ``max_reps``: at most this many timed runs (below MIN_REPS: exactly this many)."""
+    preps, out, alone = [], {}, []
+    for i, case in enumerate(cases):
+        try:
+            preps.append(dict(_prepare(case, device), index=i))
+        except torch.cuda.OutOfMemoryError as e:
+            if len(cases) == 1:
+                out[i] = e.with_traceback(None)  # its frames hold the case's tensors
+            else:
+                alone.append(i)
+        except Exception as e:  # noqa: BLE001 (one failing provider must not end the case)
+            out[i] = e.with_traceback(None)
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    if preps:
+        rows = _time_rows(preps, device, min_seconds=min_seconds, max_reps=max_reps)
+        out.update((p["index"], r) for p, r in zip(preps, rows))
+    del preps
+    for i in alone:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        out[i] = measure_group([cases[i]], device, min_seconds=min_seconds,
+                               max_reps=max_reps)[0]
+    return [out[i] for i in range(len(cases))]
+
+
+def measure(case: Case, device: str, *, min_seconds: float = TIME_BUDGET_MS / 1e3,
+            max_reps: int = MAX_REPS) -> dict:
+    """Run one case alone in this process and return its result row (raises what it
+    raised)."""
+    row = measure_group([case], device, min_seconds=min_seconds, max_reps=max_reps)[0]
+    if isinstance(row, Exception):
+        raise row
     return row
 
 
@@ -249,18 +393,50 @@ def suites() -> list[str]:
     return sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_"))
 
 
+def case_groups(cases: list[Case], indices: list[int]) -> list[list[int]]:
+    """``indices`` split into runs of consecutive cases of one op, params and dtype: the
+    providers of a case, timed together. A suite that lists a case's providers apart (a
+    variant it wants measured last) gets them timed apart."""
+    key = lambda c: (c.op, json.dumps(c.params, sort_keys=True), c.dtype)  # noqa: E731
+    groups: list[list[int]] = []
+    for i in indices:
+        if groups and key(cases[groups[-1][-1]]) == key(cases[i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _measure_cases(suite: str, cases: list[Case], group: list[int], device: str,
+                   quick: bool) -> list[dict | Exception]:
+    """The rows (or errors) of one group of cases: with FASTFT_BENCH_REHEARSAL=1 in this
+    process, 3 timed runs each (a check that every case runs, not a measurement); on the CPU
+    in a fresh process (its peak RSS); on CUDA in this process."""
+    if os.environ.get("FASTFT_BENCH_REHEARSAL") == "1":
+        rows = measure_group([cases[i] for i in group], device, min_seconds=0.0, max_reps=3)
+        return [r if isinstance(r, Exception) else dict(r, rehearsal=True) for r in rows]
+    if device != "cpu":
+        return measure_group([cases[i] for i in group], device)
+    if len(group) > 1:
+        return _run_group_in_subprocess(suite, group, device, quick)
+    try:
+        return [_run_in_subprocess(suite, group[0], device, quick)]
+    except Exception as e:  # noqa: BLE001 (reported as the case's failure)
+        return [e]
+
+
 def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = False,
               ops: set[str] | None = None, providers: set[str] | None = None,
               echo: Callable[[str], None] = print) -> list[dict]:
-    """Run the cases of a suite (those of ``ops`` and ``providers`` when given); write
+    """Run the cases of a suite (those of ``ops`` and ``providers`` when given), the
+    providers of each case timed together (``case_groups``, ``measure_group``); write
     results.json and results.md to ``out_dir``."""
     module = _suite(name)
     cases = module.cases(device, quick=quick)
     declared = getattr(module, "BASELINE", {})
-    rehearsal = os.environ.get("FASTFT_BENCH_REHEARSAL") == "1"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    todo = []
     for i, case in enumerate(cases):
         if ops and case.op not in ops or providers and case.provider not in providers:
             continue
@@ -268,26 +444,30 @@ def run_suite(name: str, device: str, out_dir: str | Path, *, quick: bool = Fals
         if why:
             echo(f"skip {case.op}/{case.provider}: {why}")
             continue
-        echo(f"run  {case.op}/{case.provider} {case.params} {case.dtype}")
+        todo.append(i)
+    rows = []
+    for group in case_groups(cases, todo):
+        for i in group:
+            echo(f"run  {cases[i].op}/{cases[i].provider} {cases[i].params} {cases[i].dtype}")
         try:
-            if rehearsal:
-                row = measure(case, device, min_seconds=0.0, max_reps=3)
-                row["rehearsal"] = True
-            elif device == "cpu":
-                row = _run_in_subprocess(name, i, device, quick)
-            else:
-                row = measure(case, device)
-        except Exception as e:  # one failing case (a peer, out of memory) must not end the suite
-            echo(f"FAIL {case.op}/{case.provider}: {type(e).__name__}: {str(e)[-500:]}")
-            continue
+            results = _measure_cases(name, cases, group, device, quick)
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()
-        row["suite"] = name
-        if case.op in declared:
-            row["baseline"] = declared[case.op]
-        rows.append(row)
-        _store(out, [row])  # after every case: a run cut short keeps what it measured
+        done = []
+        for i, row in zip(group, results):
+            case = cases[i]
+            if isinstance(row, Exception):  # one failing case (a peer, out of memory) must
+                echo(f"FAIL {case.op}/{case.provider}: {type(row).__name__}: "  # not end it
+                     f"{str(row)[-500:]}")
+                continue
+            row["suite"] = name
+            if case.op in declared:
+                row["baseline"] = declared[case.op]
+            done.append(row)
+        rows += done
+        if done:
+            _store(out, done)  # after every case: a run cut short keeps what it measured
     echo(markdown(rows))
     from .plot import plot_results
 
@@ -309,15 +489,46 @@ def _same(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def _run_in_subprocess(suite: str, index: int, device: str, quick: bool) -> dict:
-    cmd = [sys.executable, "-m", "fastft.bench.worker", suite, str(index), device]
+WORKER = "import sys; from fastft.bench.harness import worker_main; worker_main(sys.argv[1:])"
+
+
+def worker_main(argv: list[str]) -> None:
+    """The fresh process of ``_run_group_in_subprocess``: SUITE INDEX[,INDEX...] DEVICE
+    [--quick]; measures those cases together and prints, per case, ROW_TAG and
+    {"index", "row"} or {"index", "error"}."""
+    suite, device = argv[0], argv[2]
+    indices = [int(i) for i in argv[1].split(",")]
+    cases = _suite(suite).cases(device, quick="--quick" in argv)
+    for i, row in zip(indices, measure_group([cases[i] for i in indices], device)):
+        item = {"index": i, "error": f"{type(row).__name__}: {row}"} \
+            if isinstance(row, Exception) else {"index": i, "row": row}
+        print(ROW_TAG + json.dumps(item), flush=True)
+
+
+def _run_group_in_subprocess(suite: str, indices: list[int], device: str,
+                             quick: bool) -> list[dict | Exception]:
+    """The rows of the cases ``indices`` of a suite, measured together (``measure_group``)
+    in a fresh process (fastft.bench.worker): a row, or the error of that case, each."""
+    cmd = [sys.executable, "-c", WORKER, suite, ",".join(map(str, indices)), device]
     if quick:
         cmd.append("--quick")
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    got = {}
     for line in proc.stdout.splitlines():
         if line.startswith(ROW_TAG):
-            return json.loads(line[len(ROW_TAG):])
-    raise RuntimeError(f"bench case {suite}[{index}] failed:\n{proc.stderr[-3000:]}")
+            item = json.loads(line[len(ROW_TAG):])
+            got[item["index"]] = item
+    failed = RuntimeError(f"bench cases {suite}{indices} failed:\n{proc.stderr[-3000:]}")
+    return [failed if i not in got else got[i]["row"] if "row" in got[i]
+            else RuntimeError(got[i]["error"]) for i in indices]
+
+
+def _run_in_subprocess(suite: str, index: int, device: str, quick: bool) -> dict:
+    """The row of case ``index`` of a suite, measured alone in a fresh process."""
+    row = _run_group_in_subprocess(suite, [index], device, quick)[0]
+    if isinstance(row, Exception):
+        raise row
+    return row
 
 
 EXTRA_COLUMNS = ("tokens_per_s", "first_loss", "bytes_moved", "gbps", "state_bytes",

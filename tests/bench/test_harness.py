@@ -25,14 +25,16 @@ def test_measure_counts_peak_memory_and_flops_of_the_run():
 
         return run
 
-    row = harness.measure(Case("mm", "torch", {"n": n}, "fp32", build), "cpu", min_seconds=0.0)
-    assert FIELDS <= set(row)
+    row = harness.measure(Case("mm", "torch", {"n": n}, "fp32", build), "cpu", min_seconds=0.0,
+                          max_reps=3)
+    assert FIELDS <= set(row) and row["reps"] == 3
     assert row["flops"] == 2 * n**3
     assert 15 * 2**20 <= row["peak_bytes"] <= 64 * 2**20
     assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
 
 
-def test_losses_suite_writes_json_and_markdown(tmp_path):
+def test_losses_suite_writes_json_and_markdown(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTFT_BENCH_REHEARSAL", "1")  # in this process, 3 timed runs each
     rows = run_suite("losses", "cpu", tmp_path, quick=True, ops={"cross_entropy"},
                      echo=lambda s: None)
     stored = json.loads((tmp_path / "results.json").read_text())
@@ -41,6 +43,7 @@ def test_losses_suite_writes_json_and_markdown(tmp_path):
     assert stored == rows and {r["provider"] for r in rows} == {"fastft", "reference", *peers}
     for r in rows:  # torch's chunked op is opaque to FlopCounterMode: its count is 0
         assert FIELDS <= set(r) and r["peak_bytes"] > 0
+        assert r["interleaved"] == len(rows) // 2 and r["reps"] == 3 and r["rehearsal"]
         assert r["flops"] > 0 or r["provider"] == "torch"
     by = {r["provider"]: r for r in rows}
     # the fused loss never holds the [T, V] logits: far below the reference's peak
@@ -50,7 +53,8 @@ def test_losses_suite_writes_json_and_markdown(tmp_path):
     assert "| cross_entropy | fastft |" in md and "peak / ref" in md
 
 
-def test_the_provider_filter_runs_only_those_providers(tmp_path):
+def test_the_provider_filter_runs_only_those_providers(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTFT_BENCH_REHEARSAL", "1")
     rows = run_suite("losses", "cpu", tmp_path, quick=True, ops={"cross_entropy"},
                      providers={"fastft", "reference"}, echo=lambda s: None)
     assert sorted(r["provider"] for r in rows) == ["fastft", "fastft", "reference", "reference"]

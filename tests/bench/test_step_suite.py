@@ -38,8 +38,14 @@ def results(tmp_path_factory):
         assert (suite, device, quick) == ("step", "cpu", True)
         return harness.measure(cases[index], device, min_seconds=0.0, max_reps=2)
 
+    def group_in_process(suite, indices, device, quick):  # the providers of a case, interleaved
+        assert (suite, device, quick) == ("step", "cpu", True)
+        return harness.measure_group([cases[i] for i in indices], device, min_seconds=0.0,
+                                     max_reps=2)
+
     mp = pytest.MonkeyPatch()
     mp.setattr(harness, "_run_in_subprocess", in_process)
+    mp.setattr(harness, "_run_group_in_subprocess", group_in_process)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny steps: one thread is as fast, and steadier on a busy CPU
     lines = []
