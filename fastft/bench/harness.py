@@ -28,7 +28,8 @@ clock and thermal drift fall on every provider alike (``interleaved_times``):
 
 Ratios (the markdown table, the PNG figure of fastft/bench/plot.py) divide by
 the case's plain provider: the one its suite names in ``BASELINE`` (op ->
-provider), else the first of ``PLAIN`` that was measured.
+provider), else the first of ``table.PLAIN`` that was measured. The timing itself is in
+fastft/bench/timing.py, the markdown table in fastft/bench/table.py.
 """
 
 from __future__ import annotations
@@ -41,15 +42,24 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .table import markdown
+from .timing import (
+    GRAPH_BELOW_MS,
+    MAX_REPS,
+    TIME_BUDGET_MS,
+    _sync,
+    graph_median_ms,
+    interleaved_times,
+    triton_cache_entries,
+)
+
 ROW_TAG = "FASTFT_ROW "
-PLAIN = ("reference", "plain", "unfused", "dense", "dense_adamw")
 
 
 @dataclass
@@ -102,124 +112,6 @@ def _malloc(mmap_threshold: int) -> None:
         libc.malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-MIN_REPS = 25  # timed runs of a case, at least (CUDA and CPU)
-TIME_BUDGET_MS = 1500.0  # a fast case runs more often, up to this much time (and 1000 runs)
-MAX_REPS = 1000
-GRAPH_BELOW_MS = 0.5  # cases faster than this also get a CUDA-graph time
-WARMUPS = {"cuda": 3, "cpu": 0}  # untimed runs before timing (CPU: measure's runs suffice)
-_FLUSH = None
-
-
-def rep_count(one_ms: float | None, *, min_reps: int = MIN_REPS,
-              budget_ms: float = TIME_BUDGET_MS, max_reps: int = MAX_REPS) -> int:
-    """Timed runs of a case that took ``one_ms`` once: at least ``min_reps``, more for a fast
-    case, up to ``budget_ms`` of runs, never over ``max_reps`` (which wins over the floor:
-    a rehearsal's 3). A count, not a time, so that every provider gets its full count."""
-    fill = int(budget_ms // max(one_ms, 1e-3)) if one_ms is not None else 0
-    return int(min(max_reps, max(min_reps, fill)))
-
-
-def rounds(counts: list[int]) -> list[list[int]]:
-    """The interleaving of timed runs: per round, how many consecutive runs each provider
-    does. There are as many rounds as the fewest runs asked, each provider's runs spread
-    evenly over them, so a fast provider runs a block of several runs where a slow one runs
-    one, and all of them span the same stretch of time."""
-    n = max(1, min(counts))
-    return [[c * (r + 1) // n - c * r // n for c in counts] for r in range(n)]
-
-
-def _cuda_run(fn):
-    """One timed run of ``fn`` between CUDA events, the L2 cache cleared (a 256 MB write,
-    outside the timed span) before it; returns a function giving its milliseconds once the
-    device has synchronised."""
-    global _FLUSH
-    if _FLUSH is None:
-        _FLUSH = torch.empty(64 << 20, dtype=torch.int32, device="cuda")
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    _FLUSH.zero_()
-    a.record()
-    fn()
-    b.record()
-    return lambda: a.elapsed_time(b)
-
-
-def _cpu_run(fn):
-    """One timed run of ``fn`` on the monotonic clock; returns a function giving its ms."""
-    t0 = time.perf_counter()
-    fn()
-    ms = (time.perf_counter() - t0) * 1e3
-    return lambda: ms
-
-
-def interleaved_times(fns: list, device: str, *, min_reps: int = MIN_REPS,
-                      budget_ms: float = TIME_BUDGET_MS, max_reps: int = MAX_REPS,
-                      probe: Callable[[], int] | None = None):
-    """Milliseconds of each timed run of each of ``fns`` (the providers of one case), their
-    runs interleaved: round after round, each provider runs its block (``rounds``), the
-    first provider of a round rotating, so that clock and thermal drift fall on all alike.
-
-    Each fn gets ``WARMUPS[device]`` untimed runs, then, where its count depends on its
-    speed, one run that sets it (``rep_count``). ``probe`` (e.g. ``triton_cache_entries``)
-    is read before and after each block: returns (times per fn, the sum of each fn's
-    probe changes)."""
-    run = _cuda_run if device == "cuda" else _cpu_run
-    counts = []
-    for fn in fns:
-        for _ in range(WARMUPS.get(device, 0)):
-            fn()
-        one = None
-        if budget_ms > 0 and max_reps > min_reps:
-            _sync(device)
-            first = run(fn)
-            _sync(device)
-            one = first()
-        counts.append(rep_count(one, min_reps=min_reps, budget_ms=budget_ms,
-                                max_reps=max_reps))
-    pending, changes = [[] for _ in fns], [0] * len(fns)
-    for r, blocks in enumerate(rounds(counts)):
-        for j in range(len(fns)):
-            i = (j + r) % len(fns)
-            before = probe() if probe else 0
-            pending[i] += [run(fns[i]) for _ in range(blocks[i])]
-            changes[i] += (probe() - before) if probe else 0
-    _sync(device)
-    return [[t() for t in p] for p in pending], changes
-
-
-def cuda_times(fn, *, min_reps: int = MIN_REPS, budget_ms: float = TIME_BUDGET_MS) -> list[float]:
-    """Milliseconds of each of n timed runs of ``fn`` alone (CUDA events), n from a count,
-    not a time (``rep_count``)."""
-    return interleaved_times([fn], "cuda", min_reps=min_reps, budget_ms=budget_ms)[0][0]
-
-
-def graph_median_ms(fn, case: Case) -> float | None:
-    """The median time of ``fn`` replayed from a CUDA graph (no launch overhead), or None
-    where it cannot be captured (a host sync, an allocation the graph cannot keep)."""
-    import triton.testing
-
-    try:
-        return round(float(triton.testing.do_bench_cudagraph(fn, rep=100)), 4)
-    except Exception as e:  # noqa: BLE001 (any capture failure: the row keeps its eager time)
-        print(f"note {case.op}/{case.provider}: no CUDA-graph time ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:120] if str(e) else ''})", file=sys.stderr, flush=True)
-        return None
-
-
-def triton_cache_entries() -> int:
-    """Compiled kernels in Triton's cache folder (one folder each): new ones while a case
-    is timed mean it compiled variants mid-run."""
-    root = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
-    try:
-        return sum(1 for p in root.iterdir() if p.is_dir())
-    except OSError:
-        return 0
 
 
 def _note(case: Case, text: str) -> None:
@@ -529,63 +421,3 @@ def _run_in_subprocess(suite: str, index: int, device: str, quick: bool) -> dict
     if isinstance(row, Exception):
         raise row
     return row
-
-
-EXTRA_COLUMNS = ("tokens_per_s", "first_loss", "bytes_moved", "gbps", "state_bytes",
-                 "ratio_to_dense")
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def case_key(r: dict) -> tuple:
-    """What makes rows the same case, measured by different providers."""
-    return r["op"], json.dumps(r["params"], sort_keys=True), r["dtype"], r.get("device")
-
-
-def baseline_row(rows: list[dict], r: dict) -> dict | None:
-    """The row of ``r``'s case that its ratios divide by (its suite's plain provider)."""
-    by = {x["provider"]: x for x in rows if case_key(x) == case_key(r)}
-    named = r.get("baseline")
-    if named is not None:
-        return by.get(named)
-    return next((by[p] for p in PLAIN if p in by), None)
-
-
-def fmt_flops(r: dict) -> str:
-    """The GFLOP and TFLOP/s cells of a row ("- | -" where its FLOPs were not counted)."""
-    if r.get("flops") is None:
-        return "- | -"
-    return f"{r['flops'] / 1e9:.1f} | {r['tflops']:.3f}"
-
-
-def markdown(rows: list[dict]) -> str:
-    """A table for people: one line per row, with time and memory relative to the case's
-    plain provider (see ``baseline_row``)."""
-    head = ("| op | provider | params | dtype | median ms | p20-p80 ms | peak MiB | GFLOP | "
-            "TFLOP/s | time / ref | peak / ref |")
-    lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        base = baseline_row(rows, r)
-        t = f"{r['median_ms'] / base['median_ms']:.2f}x" if base else "-"
-        m = f"{r['peak_bytes'] / base['peak_bytes']:.3f}x" if base and base["peak_bytes"] else "-"
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
-        lines.append(
-            f"| {r['op']} | {r['provider']} | {params} | {r['dtype']} | {r['median_ms']:.2f} | "
-            f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f} | {r['peak_bytes'] / 2**20:.1f} | "
-            f"{fmt_flops(r)} | {t} | {m} |")
-    extra = [k for k in EXTRA_COLUMNS if any(k in r for r in rows)]
-    if extra:  # the numbers some suites compute themselves, as more columns
-        lines[0] += " " + " | ".join(extra) + " |"
-        lines[1] += "---|" * len(extra)
-        for i, r in enumerate(rows, start=2):
-            lines[i] += " " + " | ".join(_fmt(r.get(k)) for k in extra) + " |"
-    device = rows[0]["device"] if rows else ""
-    commit_ = rows[0]["commit"] if rows else ""
-    return "\n".join(lines) + (f"\n\ndevice: {device}; commit: {commit_}; ref: each case's "
-                                "plain provider")

@@ -1,5 +1,5 @@
 """One PNG figure per bench suite: each provider's time and peak memory as ratios to the
-case's plain provider (see harness.baseline_row), drawn from a results.json.
+case's plain provider (see table.baseline_row), drawn from a results.json.
 
 Bars are the median-time ratio; whiskers run from p20 / (plain's p80) to p80 / (plain's
 p20), the widest range the two runs' quantiles allow (so they always bracket the bar).
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import FastftError
-from .harness import baseline_row, case_key
+from .table import baseline_row, case_key
 
 MISSING = ("fastft: PNG figure skipped: matplotlib is not installed (pip install matplotlib, "
            "or pip install 'fastft[dev]')")

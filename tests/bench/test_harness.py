@@ -123,31 +123,31 @@ class FakeEvent:
 
 
 def test_cuda_times_counts_runs_not_time(monkeypatch):
-    from fastft.bench import harness
+    from fastft.bench import timing
 
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(harness, "_FLUSH", torch.empty(4))
+    monkeypatch.setattr(timing, "_FLUSH", torch.empty(4))
     calls = []
 
     def slow():  # 20 ms: the budget allows 5 runs, the floor asks 25
         calls.append(1)
         time.sleep(0.02)
 
-    times = harness.cuda_times(slow, budget_ms=100)
+    times = timing.cuda_times(slow, budget_ms=100)
     assert len(times) == 25 and len(calls) == 3 + 1 + 25
     assert all(19 <= t <= 200 for t in times)
     calls.clear()
-    times = harness.cuda_times(lambda: calls.append(1), budget_ms=100)  # fast: up to 1000 runs
+    times = timing.cuda_times(lambda: calls.append(1), budget_ms=100)  # fast: up to 1000 runs
     assert len(times) == 1000
 
 
 def test_recompiles_are_counted_from_tritons_cache(monkeypatch, tmp_path):
-    from fastft.bench import harness
+    from fastft.bench import timing
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    before = harness.triton_cache_entries()
+    before = timing.triton_cache_entries()
     (tmp_path / "A1B2").mkdir()
     (tmp_path / "C3D4").mkdir()
     (tmp_path / "stray.txt").write_text("")
-    assert (before, harness.triton_cache_entries()) == (0, 2)
+    assert (before, timing.triton_cache_entries()) == (0, 2)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastft.bench import Case, harness, run_suite
+from fastft.bench import Case, harness, run_suite, timing
 
 
 def recorder(log: list, name: str, seconds: float = 0.0):
@@ -25,18 +25,18 @@ def recorder(log: list, name: str, seconds: float = 0.0):
 def test_providers_take_turns_with_the_first_of_each_round_rotating():
     log = []
     fns = [lambda n=n: log.append(n) for n in "abc"]
-    times, changes = harness.interleaved_times(fns, "cpu", min_reps=4, budget_ms=0)
+    times, changes = timing.interleaved_times(fns, "cpu", min_reps=4, budget_ms=0)
     assert [len(t) for t in times] == [4, 4, 4] and changes == [0, 0, 0]
     assert "".join(log) == "abc" + "bca" + "cab" + "abc"
 
 
 def test_a_fast_provider_runs_in_blocks_spread_over_the_slow_ones_rounds():
-    assert harness.rounds([3, 7]) == [[1, 2], [1, 2], [1, 3]]
-    assert all(r == [1, 4] for r in harness.rounds([25, 100]))
+    assert timing.rounds([3, 7]) == [[1, 2], [1, 2], [1, 3]]
+    assert all(r == [1, 4] for r in timing.rounds([25, 100]))
     log = []
     slow = lambda: (log.append("s"), time.sleep(0.004))  # noqa: E731
     fast = lambda: log.append("f")  # noqa: E731
-    times, _ = harness.interleaved_times([slow, fast], "cpu", budget_ms=100)
+    times, _ = timing.interleaved_times([slow, fast], "cpu", budget_ms=100)
     # 4 ms: 25 runs (the floor over a 100 ms budget); the fast one fills its budget
     assert len(times[0]) == 25 and len(times[1]) > 100
     timed = "".join(log[2:])  # after each one's run that sets its count
@@ -49,8 +49,8 @@ def test_cpu_cases_over_a_millisecond_get_at_least_25_timed_runs():
     row = harness.measure(Case("x", "p", {"n": 1}, "fp32", recorder(log, "x", 0.003)), "cpu",
                           min_seconds=0.01)
     assert row["reps"] == 25 and len(log) == 1 + 1 + 1 + 25  # warm-up, peak, count, timed
-    assert harness.rep_count(3.0) == 500 and harness.rep_count(2000.0) == 25
-    assert harness.rep_count(0.001) == 1000 and harness.rep_count(5.0, max_reps=3) == 3
+    assert timing.rep_count(3.0) == 500 and timing.rep_count(2000.0) == 25
+    assert timing.rep_count(0.001) == 1000 and timing.rep_count(5.0, max_reps=3) == 3
 
 
 def broken_build():
