@@ -27,8 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastft
 import fastft.profile  # noqa: F401 (registers the CPU attention FLOP formula)
 from fastft.demo import experiments as ex
+from fastft.recipe import CausalLMLoss
 from fastft.train import TrainConfig, data
-from fastft.train.loss_model import CausalLMLoss
 
 
 def step_flops(model, batch: dict, selected) -> int:

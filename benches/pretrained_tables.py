@@ -46,8 +46,8 @@ import fastft.profile  # noqa: F401 (registers the CPU attention FLOP formula)
 from fastft import losses
 from fastft.patch import next_token_labels, output_head
 from fastft.pretrained import smollm2_folder
+from fastft.recipe import CausalLMLoss
 from fastft.train import TrainConfig, Trainer, data
-from fastft.train.loss_model import CausalLMLoss
 
 PROMPT = "From the Python reference, on {}:\n"
 

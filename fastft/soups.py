@@ -136,7 +136,7 @@ def heldout_score(data, tokenizer_folder, *, max_length: int = 1024, batch_size:
 
         from . import losses
         from .patch import next_token_labels, output_head
-        from .train.loss_model import CausalLMLoss
+        from .recipe.loss_model import CausalLMLoss
 
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if dev == "cuda" else torch.float32

@@ -72,7 +72,7 @@ def test_train_errors_are_one_line(tmp_path):
 def test_train_help_documents_every_option():
     import dataclasses
 
-    from fastft.train.config import TrainConfig
+    from fastft.recipe import TrainConfig
 
     out = run("train", "--help").stdout
     for f in dataclasses.fields(TrainConfig):

@@ -22,9 +22,7 @@ def real_step(model, method, batch: dict, *, max_length: int) -> dict:
     allocated during it; on CUDA, max_memory_allocated), and the parameter / gradient /
     optimizer bytes."""
     from ..patch import prepare
-    from ..train import TrainConfig
-    from ..train.loss_model import CausalLMLoss
-    from ..train.trainer import build_optimizer
+    from ..recipe import CausalLMLoss, TrainConfig, build_optimizer
 
     prepare(model, method)
     cfg = TrainConfig(max_length=max_length)

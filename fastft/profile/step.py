@@ -102,8 +102,8 @@ def make_method(name_or_method, config, rho: float = 0.5):
     """A fastft method from its name (full, lora, lora-sb, lift, hft, green) or as given."""
     if not isinstance(name_or_method, str):
         return name_or_method
-    from ..train import TrainConfig
-    from ..train.trainer import make_method as from_config
+    from ..recipe import TrainConfig
+    from ..recipe import make_method as from_config
 
     name = name_or_method.lower()
     check(name in ("full", "lora", "lora-sb", "lift", "hft", "ltsft", "green"),
@@ -159,9 +159,7 @@ def trace(config, method, *, batch_size: int, seq_len: int, objective: str = "sf
     ``kind`` ("cuda" or "cpu") picks which device's workspace the fused ops declare.
     """
     from ..patch import prepare
-    from ..train import TrainConfig
-    from ..train.loss_model import CausalLMLoss
-    from ..train.trainer import build_optimizer
+    from ..recipe import CausalLMLoss, TrainConfig, build_optimizer
 
     check(objective in ("sft", "grpo"), f"objective must be 'sft' or 'grpo'; got {objective!r}")
     check(isinstance(batch_size, int) and batch_size >= 1, "batch_size must be an integer >= 1")

@@ -1,6 +1,6 @@
-"""Training: TrainConfig and the Trainer loop."""
+"""Training: the Trainer loop (its settings, TrainConfig, are fastft.recipe's)."""
 
-from .config import TrainConfig
+from ..recipe import TrainConfig
 from .trainer import Trainer
 
 __all__ = ["TrainConfig", "Trainer"]

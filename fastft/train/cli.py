@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..errors import FastftError, check
-from .config import TrainConfig, read_toml
+from ..recipe import TrainConfig, read_toml
 
 HELP = {
     "objective": "sft or grpo", "loss": "SFT loss: ce, dft, asft or otr",

@@ -15,9 +15,8 @@ from fastft.methods import green_select
 from fastft.methods.green import probe_importance, selection_for
 from fastft.profile.green_costs import measure_costs
 from fastft.profile.tracker import FlopRecorder
+from fastft.recipe import CausalLMLoss, build_optimizer
 from fastft.train import TrainConfig
-from fastft.train.loss_model import CausalLMLoss
-from fastft.train.trainer import build_optimizer
 
 
 @pytest.mark.parametrize("seed", range(60))

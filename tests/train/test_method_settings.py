@@ -7,8 +7,8 @@ import torch
 import fastft
 from fastft import FastftError, TrainConfig, Trainer
 from fastft.methods import lora_sb
+from fastft.recipe import make_method
 from fastft.reference import losses as ref
-from fastft.train.trainer import make_method
 
 from ..helpers import assert_close, head_inputs
 from .helpers import tiny_setup, write_data

@@ -8,7 +8,7 @@ import torch
 import fastft
 from fastft import TrainConfig, Trainer
 from fastft.patch import output_head
-from fastft.train import loss_model
+from fastft.recipe import loss_model
 
 from .helpers import tiny_setup, write_data
 

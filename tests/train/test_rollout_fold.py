@@ -15,8 +15,8 @@ import fastft
 from fastft import TrainConfig, Trainer
 from fastft.errors import FastftError
 from fastft.methods.lora import adapter_layers
+from fastft.recipe import CausalLMLoss
 from fastft.train import fold, rollout
-from fastft.train.loss_model import CausalLMLoss
 
 from ..tiny_models import tiny
 from .helpers import read_metrics, tiny_setup, write_data

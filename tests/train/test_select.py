@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from fastft import TrainConfig, Trainer
 from fastft.errors import FastftError
+from fastft.recipe import CausalLMLoss
 from fastft.train import data, select
-from fastft.train.loss_model import CausalLMLoss
 
 from .helpers import read_metrics, tiny_setup, write_data
 
