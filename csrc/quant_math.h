@@ -7,7 +7,9 @@
 //   s = max(s, 1e-8);   q(x) = (clamp(round(x / s) + z, qmin, qmax) - z) s
 //
 // round is half to even (rint in the default rounding mode, as torch.round), divisions are
-// IEEE (nvcc's default -prec-div=true), fp32 throughout. No torch headers here.
+// IEEE (nvcc's default -prec-div=true), fp32 throughout. The per-element x / s is x times the
+// row's r = 1 / s with one Markstein correction by fmas, equal to the IEEE quotient
+// (tests/kernels/test_quant_division.py checks the formula exhaustively). No torch headers here.
 #pragma once
 
 #include <cmath>
@@ -45,6 +47,15 @@ FASTFT_HD float fmax_(float a, float b) {
 #endif
 }
 
+// a b + c rounded once.
+FASTFT_HD float fma_(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+  return fmaf(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
 FASTFT_HD float fmin_(float a, float b) {
 #ifdef __CUDA_ARCH__
   return fminf(a, b);
@@ -54,8 +65,15 @@ FASTFT_HD float fmin_(float a, float b) {
 }
 
 struct QParams {
-  float s, z, qmin, qmax;
+  float s, r, z, qmin, qmax;  // r = 1 / s, correctly rounded
 };
+
+// x / s correctly rounded from r = RN(1 / s): q0 = x r, then q0 + (x - q0 s) r, each step
+// one fma (x - q0 s is exact); a multiply and two fmas instead of a division per element.
+FASTFT_HD float div_by(float x, float s, float r) {
+  const float q0 = x * r;
+  return fma_(fma_(-q0, s, x), r, q0);
+}
 
 // The quantizer of a row whose values lie in [mn, mx].
 FASTFT_HD QParams qparams(float mn, float mx, int bits, bool symmetric, float clip) {
@@ -74,11 +92,12 @@ FASTFT_HD QParams qparams(float mn, float mx, int bits, bool symmetric, float cl
     q.qmin = 0.0f;
     q.qmax = den;
   }
+  q.r = 1.0f / q.s;
   return q;
 }
 
 FASTFT_HD float fake_quant(float x, const QParams& q) {
-  const float t = fmin_(fmax_(round_half_even(x / q.s) + q.z, q.qmin), q.qmax);
+  const float t = fmin_(fmax_(round_half_even(div_by(x, q.s, q.r)) + q.z, q.qmin), q.qmax);
   return (t - q.z) * q.s;
 }
 

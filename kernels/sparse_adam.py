@@ -33,15 +33,29 @@ CONFIGS = ((1024, 4),)  # (BLOCK, num_warps): 8 entries per thread
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+# Read at import, as @triton.jit reads it: under the interpreter a kernel runs on numpy.
+INTERPRET = tl.constexpr(bool(triton.knobs.runtime.interpret))
+
+
+@triton.jit
+def _bf16_by_bits(x):
+    """fp32 -> bf16, round to nearest even, by integer arithmetic on the bits (NaN stays NaN)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    r = tl.where(x != x, bits >> 16, r)
+    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
 @triton.jit
 def _round_to(x, dst: tl.constexpr):
-    """fp32 -> ``dst``, round to nearest even. bf16 by bit arithmetic: the same on the GPU and
-    in the interpreter (whose bf16 cast truncates)."""
-    if dst == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        r = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        r = tl.where(x != x, bits >> 16, r)  # NaN stays NaN
-        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    """fp32 -> ``dst``, round to nearest even. On the GPU the hardware conversion (Triton's fp
+    downcast rounds to nearest even: one F2FP per pair); under the interpreter, whose fp32 ->
+    bf16 cast truncates, bf16 by bit arithmetic, so that both give the same bits."""
+    if INTERPRET:
+        if dst == tl.bfloat16:
+            return _bf16_by_bits(x)
+        else:
+            return x.to(dst)
     else:
         return x.to(dst)
 

@@ -6,8 +6,9 @@ fastft/cuda_lib.py) and returns its [R, n] result in the input's dtype, or None 
 backend cannot run this call, so that the op's dispatch point falls through to its torch
 path:
 
-- "triton": P <= 32768 (kernels.hadamard.MAX_P) in one program per row; a larger power of
-  two (n up to 2^20 when K = 1) takes the torch path;
+- "triton": P <= 32768 (kernels.hadamard.MAX_P), persistent programs over whole-row tiles
+  (K = 1, or K <= 32 with H_K by tl.dot) or segments; a larger power of two (n up to 2^20
+  when K = 1) takes the torch path;
 - "cpp": every size (n = K P, any P); None only if csrc/hadamard.cpp failed to build
   (fastft.extensions records why; FASTFT_REQUIRE_CPP=1 raises instead);
 - "cuda": every size where the library builds (P > 8192 folds H_2 factors into H_K); None

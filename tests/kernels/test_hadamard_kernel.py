@@ -3,10 +3,16 @@ interpreter; csrc/hadamard.cpp; csrc/hadamard.cu on a GPU) against a dense fp64 
 torch formula of the quantizer written here."""
 
 import importlib
+import json
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
+import triton
 
 from fastft import backends, extensions
 from fastft.ops.hadamard_factors import kfactor, plan
@@ -244,3 +250,173 @@ def test_cuda_source_compiles_for_sm90_and_sm80_without_spills():
         names = " ".join(r["kernel"] for r in rows)
         assert len(rows) == 45 and "hadamard_kernel" in names and "quant_rows_kernel" in names
         assert all(r["registers"] > 0 and r["spill_bytes"] == 0 for r in rows)
+
+
+def boundary_rows(bits: int, symmetric: bool, rows: int, device) -> torch.Tensor:
+    """Rows whose values sit at and 1 ulp around RN((k + 0.5) s), each row's own scale s
+    (its min 0 or -max and its max set so): where round(x / s) changes its code."""
+    g = torch.Generator().manual_seed(bits + 10 * symmetric)
+    top = torch.exp(torch.rand(rows, 1, generator=g) * 8 - 4)  # max of each row
+    den = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
+    s = top / torch.full_like(top, den)  # fp32 IEEE, as the kernels compute s (clip 1)
+    k = torch.arange(-(2 ** (bits - 1)) if symmetric else 0, den, dtype=torch.float32)
+    mid = ((k + 0.5) * s).view(torch.int32)
+    near = torch.stack([mid - 1, mid, mid + 1], -1).reshape(rows, -1).view(torch.float32)
+    low = -top if symmetric else torch.zeros_like(top)
+    return torch.cat([low, near.clamp(low, top), top], 1).to(device)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (3, False)])
+def test_codes_at_rounding_boundaries_equal_ieee_division(impl, device, bits, symmetric):
+    """The quantizer's y / s (a multiply by the row's 1 / s and one fma correction) gives the
+    IEEE quotient's codes exactly, where one ulp off would change them."""
+    x = boundary_rows(bits, symmetric, 48, device)
+    got = impl.act(x, None, 1.0, bits, symmetric, 1.0, False)
+    assert torch.equal(got, quant(x, bits, symmetric, 1.0))
+
+
+def triton_kernels(monkeypatch, programs: int):
+    """kernels/hadamard.py and fake_quant.py with ``programs`` programs off a GPU."""
+    from fastft.kernels import fake_quant, hadamard
+
+    monkeypatch.setattr(hadamard, "INTERPRET_PROGRAMS", programs)
+    return hadamard, fake_quant
+
+
+# (n, rows): whole-row tiles (K = 1: 4096, 64; H_K by tl.dot: 14336, 96) and segments
+# (12 x 2048, past DOT_TILE), each with more tiles than the interpreter's 3 programs: 7, 4, 5,
+# 4 and 4 tiles of 1, 32, 1, 128 and 1 rows
+TILINGS = [(4096, 7), (64, 100), (28 * 512, 5), (12 * 8, 400), (12 * 2048, 4)]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n,R", TILINGS)
+def test_persistent_programs_give_the_same_bits_as_one_per_tile(monkeypatch, n, R):
+    """Each program loops over tiles with a stride, loading the next tile (or segment) ahead:
+    with 3 programs (fewer than the tiles) the result is bit for bit that of one program per
+    tile and of a single program, and it is the transform (rotate + quant: its quantized)."""
+    from fastft.ops.hadamard import transform_f32
+
+    K, P = plan(n)
+    h = factor(n, "cpu")
+    x = torch.randn(R, n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    had, fq = triton_kernels(monkeypatch, 3)
+    assert triton.cdiv(R, had.config(K, P).rows) > 3
+    got = [had.hadamard(x, h, n**-0.5, True), fq.fake_quant_act(x, h, n**-0.5, 4, False, 1.0)]
+    assert_close(got[0], transform_f32(x, n**-0.5, True), 1e-2)
+    assert torch.equal(got[1], quant(had.hadamard(x.float(), h, n**-0.5), 4, False,
+                                     1.0).to(torch.bfloat16))
+    for programs in (1, 1000):
+        had, fq = triton_kernels(monkeypatch, programs)
+        assert torch.equal(had.hadamard(x, h, n**-0.5, True), got[0]), programs
+        assert torch.equal(fq.fake_quant_act(x, h, n**-0.5, 4, False, 1.0), got[1]), programs
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("n", [12 * 16, 20 * 8, 28 * 4])
+def test_dot_tiles_and_segments_agree(n):
+    """H_K by tl.dot on a whole-row tile (K padded to 16 or 32 with zeros) and by K axpys over
+    segments: the same transform (to fp32 rounding), forward and transposed, and the dense."""
+    from fastft.kernels import fake_quant, hadamard
+
+    x = inputs(5, n, "cpu", seed=n)
+    h, s = factor(n, "cpu"), n**-0.5
+    assert hadamard.config(*plan(n)).dot
+    for transpose in (False, True):
+        a = hadamard.hadamard(x, h, s, transpose, dot=True)
+        b = hadamard.hadamard(x, h, s, transpose, dot=False)
+        assert_close(a, b, 1e-6)
+        assert_close(a, s * x.double() @ dense(n, transpose).t(), 1e-5)
+    for dot in (True, False):
+        q = fake_quant.fake_quant_act(x, h, s, 4, True, 0.9, dot=dot)
+        assert torch.equal(q, quant(hadamard.hadamard(x, h, s, dot=dot), 4, True, 0.9))
+
+
+@pytest.mark.interpreter
+def test_llama3_mlp_width_takes_one_register_tile():
+    """n = 14336 = 28 x 512: one [32, 512] fp32 tile per row, H_28 by one fp32 dot; equal to
+    the torch path (fp32 and bf16 in and out) and to its quantized transform."""
+    from fastft.kernels import fake_quant, hadamard
+
+    from fastft.ops.hadamard import transform_f32
+
+    n = 28 * 512
+    assert hadamard.config(*plan(n)) == hadamard.Config(True, 32, 1, 32)
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(7)) * 3
+    h, s = factor(n, "cpu"), n**-0.5
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        xd = x.to(dtype)
+        y = hadamard.hadamard(xd, h, s)
+        assert y.dtype == dtype
+        assert_close(y, transform_f32(xd, s, False), rtol)
+    y = hadamard.hadamard(x, h, s)
+    assert torch.equal(fake_quant.fake_quant_act(x, h, s, 4, False, 1.0), quant(y, 4, False, 1.0))
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_bf16_quantizer_equals_its_fp32_round_trip(impl, device, rotate):
+    """bf16 in, fp32 math, bf16 out: the same bits as quantizing the fp32 copy and rounding
+    the result to bf16, so a caller needs no fp32 round trip around the quantizer."""
+    n = 12 * 16
+    x = inputs(6, n, device, seed=11).to(torch.bfloat16)
+    h, s = (factor(n, device), n**-0.5) if rotate else (None, 1.0)
+    got = impl.act(x, h, s, 4, False, 1.0, rotate)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, impl.act(x.float(), h, s, 4, False, 1.0, rotate).to(torch.bfloat16))
+    w = x.reshape(12, -1)
+    assert torch.equal(impl.weight(w, 4, True, 0.9, 16),
+                       impl.weight(w.float(), 4, True, 0.9, 16).to(torch.bfloat16))
+
+
+HARDWARE_SCRIPT = textwrap.dedent("""
+    import collections, json
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fastft import aot
+    from fastft.kernels import fake_quant, hadamard, sparse_adam
+
+    def ops(spec):
+        fn, attrs = spec["kernel"], {}
+        for arg in spec["hints"]:
+            attrs[(fn.arg_names.index(arg),)] = [["tt.divisibility", 16]]
+        src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"],
+                        attrs=attrs)
+        cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                               options=spec["options"]).asm["cubin"]
+        sass = aot.cuobjdump(cubin, "-sass")[0]
+        return collections.Counter(aot._SASS_OP.findall(sass))
+
+    want = {"hadamard": "n=14336 K=28 P=512 ROWS=1 bf16 K dot warps=32",
+            "rotate_quant": "n=14336 K=28 P=512 ROWS=1 bf16 K dot warps=32",
+            "sparse_adam": "BLOCK=1024 w=bf16 idx=i32 grad=compact"}
+    specs = [s for s in hadamard.aot_specs() + fake_quant.aot_specs() + sparse_adam.aot_specs()
+             if want.get(s["name"]) == s["config"]]
+    k1 = [s for s in fake_quant.aot_specs() if s["name"] == "rotate_quant"
+          and s["config"] == "P=4096 ROWS=1 bf16 warps=8"]
+    print(json.dumps([[aot.compile_spec(s, "sm_90"), ops(s)] for s in specs + k1]))
+""")
+
+
+@pytest.mark.slow
+def test_gpu_code_uses_the_hardware_roundings_and_one_division_per_row(tmp_path):
+    """Compiled for sm_90 (no interpreter): n = 14336 as one register tile without spills; the
+    bf16 stores by F2FP conversions, the codes by FRND, and the quantizer's divisions (MUFU.RCP
+    plus the FCHK range check of div_rn) only per row: s, z and 1 / s, not per element."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = tmp_path / "aot_hardware.py"
+    script.write_text(HARDWARE_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["kernel"] for r, _ in rows] == ["hadamard", "rotate_quant", "sparse_adam",
+                                              "rotate_quant"]
+    count = [{op: sum(v for k, v in ops.items() if k.startswith(op))
+              for op in ("F2FP.BF16", "FRND", "FCHK", "MUFU.RCP")} for _, ops in rows]
+    for (r, _), c in zip(rows, count):
+        assert r["ok"] and (r["spill_bytes"] == 0 or r["known_spill"]), r  # aot.KNOWN_SPILLS
+        assert c["F2FP.BF16"] > 0, (r["kernel"], c)
+    assert rows[0][0]["registers"] <= 64 and rows[1][0]["registers"] <= 64  # 32 warps
+    for c in (count[1], count[3]):  # 16 elements a thread, and z
+        assert c["FRND"] >= 16 and c["FCHK"] <= 3 and c["MUFU.RCP"] <= 4, c
