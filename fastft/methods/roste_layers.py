@@ -112,6 +112,9 @@ class _Cached(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.adapter is None and ctx.layer.unrotated():  # g is the master's gradient
+            return None, None, None, (g.to(ctx.layer.weight.dtype) if ctx.needs_input_grad[3]
+                                      else None)
         dm = ctx.layer.rotated(g.float(), transpose=True)
         need = ctx.needs_input_grad[3:]
         grads = [dm.to(ctx.layer.weight.dtype) if need[0] else None]
@@ -155,6 +158,10 @@ class RoSTELinear(nn.Linear):
             w = rotate_cols(w, None, transpose)
         return w
 
+    def unrotated(self) -> bool:
+        """No weight-side rotation (R2, R4) on this layer."""
+        return not (self.r2_out or self.r2_in or self.r4)
+
     def effective_bias(self) -> torch.Tensor | None:
         if self.bias is None or not self.r2_out:
             return self.bias
@@ -190,8 +197,18 @@ class RoSTELinear(nn.Linear):
             key += (a._version, a.data_ptr(), b._version, b.data_ptr(), s)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the old value first
-            self._cache = (key, self.quantized_fp32(adapter)[1].to(w.dtype))
+            self._cache = (key, self._quantized(adapter))
         return self._cache[1]
+
+    @torch.no_grad()
+    def _quantized(self, adapter) -> torch.Tensor:
+        """The weight the forward multiplies by, in w's dtype. Unrotated and without an
+        adapter, the weight is quantized as it is: the quantizer reads and writes its dtype
+        with fp32 math, the bits of the fp32 round trip without the fp32 copies."""
+        w = self.weight
+        if adapter is None and self.unrotated() and self.quantize_weight and self.qcfg.on("w"):
+            return self.qcfg.qw(w.detach())
+        return self.quantized_fp32(adapter)[1].to(w.dtype)
 
     def layer_weight(self, adapter=None) -> torch.Tensor:
         """The weight the forward multiplies by (cached), differentiable to the masters."""

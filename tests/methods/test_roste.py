@@ -154,6 +154,28 @@ def test_quantized_weight_is_cached_until_the_weight_changes():
     assert torch.equal(layer._cache[1], fake_quant_weight(hadamard(layer.weight.detach()), 4))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_unrotated_layer_quantizes_its_weight_in_its_own_dtype(dtype):
+    """Without a weight-side rotation or an adapter, the weight is quantized as it is (no
+    fp32 copy and back): the same bits as the fp32 round trip, and the straight-through
+    gradient is the upstream gradient itself."""
+    qcfg = QuantConfig(w_bits=4, a_bits=None, kv_bits=None)
+    layer = RoSTELinear(nn.Linear(48, 40), qcfg, layer=0, role="up_proj").to(dtype)
+    assert layer.unrotated()
+    want = layer.quantized_fp32(None)[1].to(dtype)
+    x = torch.randn(3, 48, dtype=dtype)
+    y = layer(x)
+    assert torch.equal(layer._cache[1], want)
+    g = torch.randn_like(y)
+    y.backward(g)
+    wq = want.clone().requires_grad_()
+    F.linear(x, wq, layer.bias.detach()).backward(g)  # straight through the quantizer
+    assert torch.equal(layer.weight.grad, wq.grad)
+    rotated = RoSTELinear(nn.Linear(48, 40), qcfg, layer=0, role="down_proj").to(dtype)
+    rotated.r4 = True
+    assert not rotated.unrotated()
+
+
 def test_attention_rotates_q_k_and_quantizes_k_v_straight_through():
     from fastft.methods.roste_layers import AttnQuant, roste_attention
 
