@@ -80,8 +80,9 @@ BUDGETS: dict[str, float | Callable[[dict], float]] = {
     "dy_b_db": lambda c: 15.5 if c["R_PAD"] <= 16 else 17.5,  # 9.6-13.1; 13.9-14.9
     "sparse_adam": 129,  # 102-112
     "sparse_adam_multi": 127,  # 97-110
-    # no K 25.5-36; K segments 32-46.5; by tl.dot 38-85.5, growing with KP (16, 32)
-    "hadamard": lambda c: (44 + 1.75 * c["KP"]) if c.get("DOT") else 54 if c["HAS_K"] else 42,
+    # no K 25.5-36; K segments 32-55 (fp32 segments: the loop unrolled by 8); by tl.dot
+    # 38-85.5, growing with KP (16, 32)
+    "hadamard": lambda c: (44 + 1.75 * c["KP"]) if c.get("DOT") else 62 if c["HAS_K"] else 42,
     # by tl.dot: 91.5-116.5 one row a tile, 106-210 packed rows; segments with K: 81-106.5
     # (100.5-115 packed, ROWS >= 8); no K: 49-67.5 (87.5-127 packed)
     "rotate_quant": lambda c: ((242 if c["ROWS"] > 1 else 134) if c.get("DOT")
@@ -130,10 +131,12 @@ def sass_counts(sass: str) -> dict:
     (``ldg``) and how many of them are vector loads of 64 or 128 bits (``ldg_vector``: a
     tile read row by row as scalars shows up here as a low share), and the asynchronous
     copies to shared memory (``async_copies``: cp.async LDGSTS and TMA UTMALDG, the
-    pipelined loads of a GEMM's K loop)."""
+    pipelined loads of a GEMM's K loop), and the stores to local memory (``local_stores``,
+    STL: register spills)."""
     ops = _SASS_OP.findall(sass)
     ldg = [o for o in ops if o.startswith("LDG.") or o == "LDG"]
     return dict(instructions=len(ops), ldg=len(ldg),
+                local_stores=sum(1 for o in ops if o == "STL" or o.startswith("STL.")),
                 ldg_vector=sum(1 for o in ldg if ".64" in o or ".128" in o),
                 async_copies=sum(1 for o in ops if o.startswith(("LDGSTS", "UTMALDG"))))
 
@@ -190,6 +193,39 @@ def toolchain() -> dict:
     return dict(triton=triton.__version__, ptxas=ptxas_v)
 
 
+# Variants that spill into the stack frame today, with the bytes each may spill (a ratchet:
+# more than this, or a spill anywhere else, fails the check). The prefetching persistent
+# Hadamard and rotate + fake-quant kernels and their whole-row tl.dot tiles (32 warps: at
+# most 64 registers a thread) spill 8-104 bytes per thread; each entry is a variant still to
+# be brought to none.
+KNOWN_SPILLS = {
+    ("hadamard", "P=64 ROWS=32 fp16 K warps=4", "sm_80"): 8,
+    ("hadamard", "P=128 ROWS=16 bf16 K warps=4", "sm_90"): 8,
+    ("hadamard", "P=128 ROWS=16 fp16 K warps=4", "sm_90"): 8,
+    ("hadamard", "P=512 ROWS=4 fp16 K warps=4", "sm_80"): 8,
+    ("hadamard", "P=16384 ROWS=1 fp16 K warps=32", "sm_80"): 32,
+    ("hadamard", "P=32768 ROWS=1 fp32 K warps=32", "sm_90"): 8,
+    ("hadamard", "n=12288 K=12 P=1024 ROWS=1 bf16 K dot warps=32", "sm_90"): 8,
+    ("hadamard", "n=96 K=12 P=8 ROWS=128 bf16 K dot warps=32", "sm_90"): 8,
+    ("hadamard", "n=14336 K=28 P=512 ROWS=1 fp32 K dot warps=32", "sm_90"): 16,
+    ("rotate_quant", "P=8192 ROWS=1 bf16 K warps=16", "sm_90"): 8,
+    ("rotate_quant", "P=16384 ROWS=1 bf16 K warps=32", "sm_80"): 80,
+    ("rotate_quant", "P=32768 ROWS=1 bf16 warps=32", "sm_90"): 88,
+    ("rotate_quant", "P=32768 ROWS=1 bf16 warps=32", "sm_80"): 104,
+    ("rotate_quant", "P=32768 ROWS=1 bf16 K warps=32", "sm_90"): 8,
+    ("rotate_quant", "n=14336 K=28 P=512 ROWS=1 bf16 K dot warps=32", "sm_90"): 32,
+    ("rotate_quant", "n=3584 K=28 P=128 ROWS=4 bf16 K dot warps=32", "sm_90"): 64,
+    ("rotate_quant", "n=3584 K=28 P=128 ROWS=4 bf16 K dot warps=32", "sm_80"): 48,
+    ("rotate_quant", "n=5120 K=20 P=256 ROWS=2 bf16 K dot warps=32", "sm_90"): 48,
+    ("rotate_quant", "n=12288 K=12 P=1024 ROWS=1 bf16 K dot warps=32", "sm_90"): 24,
+    ("rotate_quant", "n=12288 K=12 P=1024 ROWS=1 bf16 K dot warps=32", "sm_80"): 32,
+    ("rotate_quant", "n=96 K=12 P=8 ROWS=128 bf16 K dot warps=32", "sm_90"): 16,
+    ("rotate_quant", "n=14336 K=28 P=512 ROWS=1 fp32 K dot warps=32", "sm_90"): 40,
+    ("rotate_quant", "n=14336 K=28 P=512 ROWS=1 fp32 K dot warps=32", "sm_80"): 24,
+    ("rotate_quant", "n=14336 K=28 P=512 ROWS=1 bf16 K dot sym warps=32", "sm_90"): 32,
+}
+
+
 def compile_spec(spec: dict, arch: str) -> dict:
     """Compile one Triton spec for ``arch``; return its report row."""
     import triton
@@ -199,7 +235,8 @@ def compile_spec(spec: dict, arch: str) -> dict:
     num = int(arch.split("_")[1])
     row = dict(kernel=spec["name"], config=spec["config"], arch=arch, registers=0,
                spill_bytes=0, shared_bytes=0, wgmma="-", instructions=0, ldg=0,
-               ldg_vector=0, async_copies=0, instr_per_elem=None, budget=None, over=False,
+               ldg_vector=0, async_copies=0, local_stores=0, instr_per_elem=None, budget=None,
+               over=False,
                ok=True, error="")
     # As Triton's launcher specialises them at run time: integer arguments equal to 1
     # become constants, and pointers/integers divisible by 16 are marked so.
@@ -233,10 +270,15 @@ def compile_spec(spec: dict, arch: str) -> dict:
     row.update(sass_counts(sass))
     judge_budget(row, spec, arch)
     # Local memory per thread: register spills (and arrays the compiler could not keep
-    # in registers); either is a kernel that will not run at speed.
-    row["spill_bytes"] = res["local_bytes"]
+    # in registers); either is a kernel that will not run at speed. With Triton's ptxas
+    # options the spills land in the stack frame (STACK, not LOCAL, in -res-usage): a frame
+    # that the SASS stores to (STL) counts as spilled.
+    row["spill_bytes"] = max(res["local_bytes"],
+                             res["stack_bytes"] if row["local_stores"] else 0)
     limit = extensions.SMEM_LIMIT.get(arch, 1 << 30)
-    if row["spill_bytes"]:
+    known = KNOWN_SPILLS.get((spec["name"], spec["config"], arch), 0)
+    row["known_spill"] = bool(row["spill_bytes"]) and row["spill_bytes"] <= known
+    if row["spill_bytes"] and not row["known_spill"]:
         row.update(ok=False, error=f"{row['spill_bytes']} bytes of register spills")
     elif row["shared_bytes"] > limit:
         row.update(ok=False, error=f"shared memory {row['shared_bytes']} > {limit}")
@@ -278,8 +320,9 @@ def check(archs=ARCHS, jobs: int | None = None) -> list[dict]:
     from .kernels import KERNEL_FILES
 
     tasks = [(_triton_rows, (name, i, arch)) for name in KERNEL_FILES
-             for i in range(len(importlib.import_module(f"fastft.kernels.{name}").aot_specs()))
-             for arch in archs]
+             for i, spec in enumerate(importlib.import_module(f"fastft.kernels.{name}")
+                                      .aot_specs())
+             for arch in archs if arch in spec.get("archs", archs)]  # a spec may name its own
     nvcc = [(_nvcc_rows, (str(src), arch)) for src in extensions.cuda_sources()
             for arch in archs]
     jobs = jobs or min(16, os.cpu_count() or 1)

@@ -20,18 +20,35 @@ kernel serves ranks up to MAX_FUSED_RANK.
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): what this file ships.
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): what this file ships, per
+# arch. sm_80 has no wgmma: its accumulators live in the registers of fewer threads, and the
+# sm_90 tiles spill there (8 and 80 bytes): one stage less at 128 x 256, 8 warps at 128 x 128.
 GPU_CONFIGS = (
     (128, 256, 64, 8, 8, 3),
     (128, 128, 64, 8, 4, 4),
     (64, 128, 64, 8, 4, 4),
 )
+SM80_CONFIGS = (
+    (128, 256, 64, 8, 8, 2),
+    (128, 128, 64, 8, 8, 4),
+    (64, 128, 64, 8, 4, 4),
+)
+_SM80: dict[int, bool] = {}
+
+
+def _sm80(device: torch.device) -> bool:
+    """Whether ``device`` is an sm_8x GPU (cached per device)."""
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SM80:
+        _SM80[i] = torch.cuda.get_device_capability(i)[0] == 8
+    return _SM80[i]
 SMALL_CONFIG = (32, 32, 32, 4, 4, 1)  # tiny problems and the CPU interpreter
 
 
@@ -152,12 +169,13 @@ def dy_b_and_db(dy: torch.Tensor, b: torch.Tensor, xs: torch.Tensor,
     return dyb.sum(0)[:, :r], db.sum(0)[:, :r]
 
 
-def pick_config(M: int, N: int, interpret: bool) -> tuple:
+def pick_config(M: int, N: int, interpret: bool, sm80: bool = False) -> tuple:
     if interpret or M * N < 128 * 128:
         return SMALL_CONFIG
+    configs = SM80_CONFIGS if sm80 else GPU_CONFIGS
     if N >= 256 and M >= 128:
-        return GPU_CONFIGS[0]
-    return GPU_CONFIGS[1] if M >= 128 else GPU_CONFIGS[2]
+        return configs[0]
+    return configs[1] if M >= 128 else configs[2]
 
 
 def dual_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None,
@@ -171,7 +189,8 @@ def dual_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None,
     if M == 0 or N == 0:
         return c
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    bm, bn, bk, gm, warps, stages = pick_config(M, N, interpret)
+    bm, bn, bk, gm, warps, stages = pick_config(M, N, interpret,
+                                                not interpret and _sm80(a1.device))
     second = a2 is not None and K2 > 0
     a2_, b2_ = (a2, b2) if second else (a1, b1)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
@@ -194,7 +213,7 @@ def dual_matmul(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor | None,
 
 def aot_specs():
     """Forward layout (B1 = W0^T: K contiguous; B2 = B^T copied to rows of N) and dX layout
-    (B1 = W0 and B2 = A: N contiguous), with the hints Triton's launcher gives the shapes
+    (B1 = W0 and B2 = A: N contiguous), each arch's tiles for that arch only, with the hints Triton's launcher gives the shapes
     that run (rows of A1, A2 and C and the long strides of B1, B2 divisible by 16)."""
     specs = []
     ptrs = ("a1_ptr", "b1_ptr", "a2_ptr", "b2_ptr", "bias_ptr", "c_ptr")
@@ -204,22 +223,23 @@ def aot_specs():
         "dx": {"s_a1k": 1, "s_b1n": 1, "s_a2k": 1, "s_b2n": 1, "s_cn": 1,
                "s_a1m": 16, "s_b1k": 16, "s_a2m": 16, "s_b2k": 16, "s_cm": 16},
     }
-    for bm, bn, bk, gm, warps, stages in GPU_CONFIGS:
-        for layout, hints in layouts.items():
-            for dt in ("bf16", "fp16"):
-                specs.append(dict(
-                    name="dual_matmul", kernel=dual_matmul_kernel, matrix=True,
-                    signature={**{p: f"*{dt}" for p in ptrs},
-                               "M": "i32", "N": "i32", "K1": "i32", "K2": "i32",
-                               **{f"s_{x}": "i64" for x in ("a1m", "a1k", "b1k", "b1n", "a2m",
-                                                            "a2k", "b2k", "b2n", "cm", "cn")}},
-                    constexprs={"HAS_SECOND": True, "HAS_BIAS": True, "DOT_FP32": False,
-                                "PRECISION": "ieee", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
-                    # LLM shapes: sizes and rank multiples of 16 (so the K loops pipeline)
-                    hints={**{p: 16 for p in ptrs}, **hints, "M": 16, "N": 16, "K1": 16,
-                           "K2": 16},
-                    options={"num_warps": warps, "num_stages": stages},
-                    config=f"{bm}x{bn}x{bk} w{warps} s{stages} {layout} {dt}"))
+    for arch, configs in (("sm_90", GPU_CONFIGS), ("sm_80", SM80_CONFIGS)):
+        for (bm, bn, bk, gm, warps, stages), (layout, hints), dt in itertools.product(
+                configs, layouts.items(), ("bf16", "fp16")):
+            specs.append(dict(
+                name="dual_matmul", kernel=dual_matmul_kernel, matrix=True, archs=(arch,),
+                signature={**{p: f"*{dt}" for p in ptrs},
+                           "M": "i32", "N": "i32", "K1": "i32", "K2": "i32",
+                           **{f"s_{x}": "i64" for x in ("a1m", "a1k", "b1k", "b1n", "a2m",
+                                                        "a2k", "b2k", "b2n", "cm", "cn")}},
+                constexprs={"HAS_SECOND": True, "HAS_BIAS": True, "DOT_FP32": False,
+                            "PRECISION": "ieee", "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                            "GROUP_M": gm},
+                # LLM shapes: sizes and rank multiples of 16 (so the K loops pipeline)
+                hints={**{p: 16 for p in ptrs}, **hints, "M": 16, "N": 16, "K1": 16,
+                       "K2": 16},
+                options={"num_warps": warps, "num_stages": stages},
+                config=f"{bm}x{bn}x{bk} w{warps} s{stages} {layout} {dt}"))
     bt, bn, warps, stages = DY_CONFIG
     for dt in ("bf16", "fp16"):
         for r_pad in (16, 32):
