@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from fastft.kernels import grad_scale
 
 
