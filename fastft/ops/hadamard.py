@@ -19,7 +19,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends
 from ..errors import check
-from .hadamard_factors import kfactor, plan
+from .hadamard_factors import factor, plan
 
 INFO = backends.register(backends.OpInfo(
     name="fastft::hadamard",
@@ -29,17 +29,6 @@ INFO = backends.register(backends.OpInfo(
 ))
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 ROWS = 4096  # rows per chunk of the torch path: its temporaries stay chunk-sized
-
-_factors: dict[tuple[int, str], Tensor] = {}
-
-
-def factor(K: int, device: torch.device) -> Tensor:
-    """H_K in fp32 on ``device`` (cached)."""
-    key = (K, str(device))
-    if key not in _factors:
-        _factors[key] = kfactor(K).to(device=device, dtype=torch.float32)
-    return _factors[key]
-
 
 def butterflies(y: Tensor) -> Tensor:
     """Sylvester's transform over the last dim (a power of two) of a fp32 tensor, unscaled."""

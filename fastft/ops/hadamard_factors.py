@@ -108,5 +108,16 @@ def kfactor(K: int) -> torch.Tensor:
     return _factor(K).clone(memory_format=torch.contiguous_format)
 
 
+_on_device: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def factor(K: int, device: torch.device) -> torch.Tensor:
+    """H_K in fp32 on ``device`` (cached): what the transform's backends multiply by."""
+    key = (K, str(device))
+    if key not in _on_device:
+        _on_device[key] = kfactor(K).to(device=device, dtype=torch.float32)
+    return _on_device[key]
+
+
 def is_hadamard(K: int) -> bool:
     return K == 1 or construction(K) is not None

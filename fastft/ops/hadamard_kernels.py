@@ -21,13 +21,11 @@ import math
 
 from torch import Tensor
 
-from .hadamard_factors import plan
+from .hadamard_factors import factor, plan
 
 
 def _kfactor(n: int, device):
     """(K factor [K, K] fp32 on device, or None when K = 1; P) of rows of n."""
-    from .hadamard import factor
-
     K, P = plan(n)
     return (factor(K, device) if K > 1 else None), P
 
