@@ -558,8 +558,8 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_last_checkpoint(tmp
     trainer = Trainer(model, tok, str(sft_data), cfg)
     real = trainer._sft_step
 
-    def poisoned():
-        metrics, n = real()
+    def poisoned(batch=None):
+        metrics, n = real(batch)
         if trainer.state["step"] == 2:  # the third step's loss
             metrics["loss"] = metrics["loss"] * float("nan")
         return metrics, n

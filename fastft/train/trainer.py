@@ -196,20 +196,9 @@ class Trainer:
                     if new is not None:
                         self._replace_optimizer(new)
                 while self.state["step"] < self.total_steps:
-                    step = self.state["step"] + 1
-                    metrics, n_tok = self._grpo_step() if cfg.objective == "grpo" \
-                        else self._sft_step()
-                    if self.own_sync:
-                        distributed.average_(self._grad_tensors(), self.dist)
-                    norm = self._clip()
-                    self._check_finite(step, metrics["loss"], norm)
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.state["step"] = step
-                    if hasattr(self.method, "on_step_end"):
-                        self.method.on_step_end(self.model, self.optimizer, step)
-                    tokens += n_tok
+                    metrics = self.step()
+                    step, norm = self.state["step"], metrics.pop("grad_norm")
+                    tokens += metrics.pop("tokens")
                     if step % cfg.log_every == 0 or step == self.total_steps:
                         last = self._record(step, metrics, norm, tokens, t0, phases[p])
                         log.step(step, last)
@@ -240,10 +229,44 @@ class Trainer:
             print(summary_table(f"fastft {cfg.objective} ({cfg.method}) in {self.out}", summary))
         return summary
 
-    def _sft_step(self):
+    def step(self, batch=None) -> dict:
+        """One optimizer step, as ``train`` runs it: the forward and backward of the step's
+        micro-batches, then :meth:`finish_step`. ``batch``: None (the next of the training
+        data), or for SFT a collated batch or a list of them (the micro-batches of one step),
+        for GRPO a list of prompt rows. Returns the step's metrics: ``loss``, ``grad_norm``,
+        ``tokens`` and the objective's own (GRPO's rewards, KL, clip shares and times)."""
+        if self.cfg.objective == "grpo":
+            metrics, n_tok = self._grpo_step(batch)
+        else:
+            metrics, n_tok = self._sft_step(batch)
+        norm = self.finish_step(metrics["loss"])
+        return dict(metrics, grad_norm=norm, tokens=n_tok)
+
+    def finish_step(self, loss: torch.Tensor) -> torch.Tensor:
+        """The end of a step once its gradients are in ``.grad``: their sync across processes
+        (where the Trainer syncs them itself), the clip, the check that ``loss`` and the norm
+        are finite, the optimizer's and the schedule's step, the method's step hook. Returns
+        the gradient norm."""
+        step = self.state["step"] + 1
+        if self.own_sync:
+            distributed.average_(self._grad_tensors(), self.dist)
+        norm = self._clip()
+        self._check_finite(step, loss, norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["step"] = step
+        if hasattr(self.method, "on_step_end"):
+            self.method.on_step_end(self.model, self.optimizer, step)
+        return norm
+
+    def _sft_step(self, micro=None):
         """One optimizer step's worth of micro-batches: forward, loss, backward."""
         cfg, d = self.cfg, self.dist
-        micro = self._next_sft_batches()
+        if micro is None:
+            micro = self._next_sft_batches()
+        elif isinstance(micro, dict):
+            micro = [micro]
         n_items = d.all_sum(sum(data.item_weight(b) for b in micro).to(self.device)) / d.world
         if hasattr(self.method, "reselect"):  # GreenTrainer: which tensors train this epoch
             self.method.reselect(self.model, self.optimizer, self.state["epoch"],
@@ -318,10 +341,10 @@ class Trainer:
             else batch["labels"] != -100
         return dict(batch, input_ids=torch.where(hit, self.mask_token_id, ids))
 
-    def _grpo_step(self):
+    def _grpo_step(self, rows=None):
         """Sample completions, score them, and one update on the group-relative advantages."""
         cfg, d = self.cfg, self.dist
-        rows = self._next_prompts()
+        rows = self._next_prompts() if rows is None else list(rows)
         if getattr(self, "log", None) is not None:
             self.log.note(f"sampling {len(rows) * cfg.num_generations} completions")
         clock = self._clock()

@@ -174,3 +174,31 @@ def test_sparse_methods_resume_exactly(tmp_path, name):
     resumed = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
     assert len(resumed) == len(whole) - 3  # LT-SFT: the rest of phase 1, then all of phase 2
     assert [m["loss"] for m in resumed] == [m["loss"] for m in whole[3:]]
+
+
+def test_the_public_step_is_the_loops_step(tmp_path):
+    """Trainer.step() is one step of train(): the same metrics file and weights after two
+    steps either way; a step on batches the caller collated equals the step on the same
+    batches drawn by the Trainer."""
+    path = write_data(tmp_path)
+
+    def trainer(name, steps=2):
+        model, tok = tiny_setup()
+        cfg = TrainConfig(max_steps=steps, batch_size=4, lr=1e-2, progress=False,
+                          max_length=32, output_dir=str(tmp_path / name), log_every=1)
+        return Trainer(model, tok, str(path), cfg)
+
+    looped = trainer("loop")
+    looped.train()
+    stepped = trainer("step")
+    first = stepped.step()
+    assert set(first) >= {"loss", "grad_norm", "tokens"} and stepped.state["step"] == 1
+    assert first["loss"].item() == pytest.approx(read_metrics(tmp_path / "loop")[0]["loss"])
+    stepped.step()
+    for (n, a), (_, b) in zip(looped.model.named_parameters(),
+                              stepped.model.named_parameters()):
+        assert torch.equal(a, b), n
+    given, drawn = trainer("given"), trainer("drawn")
+    batches = given._next_sft_batches()  # what drawn's first step draws itself
+    a, b = given.step(batches), drawn.step()
+    assert torch.equal(a["loss"], b["loss"]) and a["tokens"] == b["tokens"]

@@ -14,7 +14,7 @@ ops and providers (the same model, adapter values and data in every provider):
 
 - ``lora_sft``: LoRA r=16, alpha 32 on every linear layer but the head (B drawn non-zero,
   so that the adapters count in the loss). ``fastft``: fastft.prepare(model,
-  fastft.LoRA(...)) and a fastft.Trainer's own step (``_sft_step`` through CausalLMLoss,
+  fastft.LoRA(...)) and a fastft.Trainer's own step (``Trainer.step`` through CausalLMLoss,
   its clip and finite check, the optimizer and scheduler it makes); ``transformers+peft``:
   peft.get_peft_model, ``model(input_ids, labels=...).loss``, torch AdamW (fused);
   ``transformers+peft+liger`` (CUDA): the same after liger_kernel's
@@ -28,7 +28,7 @@ ops and providers (the same model, adapter values and data in every provider):
 - ``grpo_update``: a GRPO update on fixed completions (sampling and rewards excluded),
   LoRA as above, loss dapo, beta 0 (both trainers' defaults), one micro-batch.
   ``fastft``: the Trainer's loss module (CausalLMLoss -> fastft.losses.grpo) as
-  ``_grpo_step`` calls it after sampling, then its clip and optimizer; ``trl``: TRL's
+  the Trainer calls it after sampling, then ``Trainer.finish_step``; ``trl``: TRL's
   ``GRPOTrainer._compute_loss`` (its fused head: log-probs and entropy) on the PEFT model
   (see _trl.py), torch AdamW (fused).
 - ``grpo_step``: a whole fastft Trainer GRPO step: sampling with ``generate``, rewards,
@@ -139,16 +139,6 @@ def _trainer(model, tok, data, tmp, *, grpo: bool, lora: bool, **cfg):
     return Trainer(model, tok, data, config, reward_fn=reward if grpo else None)
 
 
-def _apply(t, loss) -> None:
-    """The end of a fastft.Trainer step, as Trainer.train runs it."""
-    norm = t._clip()
-    t._check_finite(t.state["step"] + 1, loss, norm)
-    t.optimizer.step()
-    t.scheduler.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    t.state["step"] += 1
-
-
 def _fastft_sft(shape, work, dtype, device, lora):
     model = fastft_prepare(llama(shape, dtype, device), lora)
     _, _, records = sft_data(shape["vocab"], work["batch"], work["seq"])
@@ -157,9 +147,8 @@ def _fastft_sft(shape, work, dtype, device, lora):
                  batch_size=work["batch"], max_length=work["seq"])
 
     def step():
-        metrics, n_tok = t._sft_step()
-        _apply(t, metrics["loss"])
-        return metrics["loss"], n_tok
+        metrics = t.step()
+        return metrics["loss"], metrics["tokens"]
     return _timed(step, keep=(tmp,))
 
 
@@ -239,11 +228,11 @@ def _fastft_grpo_update(shape, work, dtype, device):
     n_items = roll["completion_mask"].sum().float()  # dapo: the step's completion tokens
     tokens = batch["input_ids"].numel()
 
-    def step():  # Trainer._grpo_step after sampling and scoring, one micro-batch
+    def step():  # the update of a Trainer GRPO step after sampling and scoring
         with t._autocast():
             loss, _ = t.engine(batch, num_items=n_items, num_sequences=N)
             loss.backward()
-        _apply(t, loss.detach())
+        t.finish_step(loss.detach())
         return loss.detach(), tokens
     return _timed(step, keep=(tmp,))
 
@@ -285,9 +274,8 @@ def _fastft_grpo_step(shape, work, dtype, device, cache="dynamic"):
                  max_completion_length=work["completion_len"], generation_cache=cache)
 
     def step():
-        metrics, n_tok = t._grpo_step()
-        _apply(t, metrics["loss"])
-        return metrics["loss"], n_tok
+        metrics = t.step()
+        return metrics["loss"], metrics["tokens"]
     return _timed(step, keep=(tmp,))
 
 
