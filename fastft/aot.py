@@ -39,7 +39,7 @@ ELEMENTS: dict[str, Callable[[dict], int]] = {
     "row_stats": lambda c: c["BLOCK_V"],  # one vocabulary tile of the row's sweep
     "row_grad": lambda c: c["BLOCK_V"],
     "gumbel_race": lambda c: c["BLOCK_V"],  # one tile of a span, all (K + 7) // 8 sweeps
-    "gumbel_combine": lambda c: c["K"] * c["S_PAD"],  # the spans' best scores of one row
+    "gumbel_combine": lambda c: c["K"],  # one row: its K samples (over S_PAD spans each)
     "dual_matmul": lambda c: c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_K"],  # MACs, one K step
     "dy_b_db": lambda c: c["BLOCK_T"] * c["BLOCK_N"],  # one tile of dY (two rank-r products)
     "sparse_adam": lambda c: c["BLOCK"],  # entries
@@ -74,7 +74,7 @@ BUDGETS: dict[str, float | Callable[[dict], float]] = {
     "row_stats": 102,  # 74.5-89
     "row_grad": lambda c: 151 if c["HAS_REF"] else 58,  # 119-131 with a reference; 44-50
     "gumbel_race": lambda c: 150 * c["K"],  # per sample drawn: 128-130.5 (K = 8, 12)
-    "gumbel_combine": 600,  # 504-520 (one warp, K x S_PAD scores)
+    "gumbel_combine": 2400,  # 1792-2080 (one warp; per sample: its spans, a gather)
     "grad_scale": 6.5,  # 4.5-5.5
     "dual_matmul": _gemm_budget,  # 0.184-0.338 on sm_90, 0.237-0.402 on sm_80
     "dy_b_db": lambda c: 15.5 if c["R_PAD"] <= 16 else 17.5,  # 9.6-13.1; 13.9-14.9

@@ -276,13 +276,15 @@ def aot_specs():
             hints={"z_ptr": 16, "stride_z": 16, "V": 16, "span": 16},
             options={"num_warps": NUM_WARPS},
             config=f"BLOCK_V={BLOCK_V} K={k} z={zt}{'' if same else ' two temps'}"))
-    specs.append(dict(
-        name="gumbel_combine", kernel=combine_kernel, matrix=False,
-        signature={"z_ptr": "*fp32", "stride_z": "i64", "V": "i32", "S": "i32",
-                   "m_ptr": "*fp32", "l_ptr": "*fp32", "score_ptr": "*fp32",
-                   "index_ptr": "*i32", "target_ptr": "*i64", "samples_ptr": "*i64",
-                   "idx_ptr": "*i64", "lse_ptr": "*fp32", "gath_ptr": "*fp32",
-                   "softcap": "fp32", "inv_temp": "fp32"},
-        constexprs={"K": 8, "HAS_TARGET": True, "HAS_SOFTCAP": True, "S_PAD": 4},
-        options={"num_warps": 1}, config="K=8 target S_PAD=4"))
+    for target, s_pad in ((True, 4), (False, 1)):  # OTR's rows; samples alone, one span
+        specs.append(dict(
+            name="gumbel_combine", kernel=combine_kernel, matrix=False,
+            signature={"z_ptr": "*fp32", "stride_z": "i64", "V": "i32", "S": "i32",
+                       "m_ptr": "*fp32", "l_ptr": "*fp32", "score_ptr": "*fp32",
+                       "index_ptr": "*i32", "target_ptr": "*i64", "samples_ptr": "*i64",
+                       "idx_ptr": "*i64", "lse_ptr": "*fp32", "gath_ptr": "*fp32",
+                       "softcap": "fp32", "inv_temp": "fp32"},
+            constexprs={"K": 8, "HAS_TARGET": target, "HAS_SOFTCAP": True, "S_PAD": s_pad},
+            options={"num_warps": 1},
+            config=f"K=8{' target' if target else ''} S_PAD={s_pad}"))
     return specs
