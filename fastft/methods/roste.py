@@ -239,13 +239,6 @@ class RoSTE(Hooks):
             self.chosen = {k: [int(i) for i in state["chosen"].get(k, [])] for k in KINDS}
             self._apply(self.runtime())
 
-    def save_quantized(self, model: nn.Module, directory, tokenizer=None):
-        """The quantized model folder (fastft.quantize.export); the Trainer calls it at the
-        end of a run with ``<output>/quantized``."""
-        from ..quantize import export
-
-        return export(model, directory, tokenizer=tokenizer)
-
 
 @dataclass
 class Runtime:

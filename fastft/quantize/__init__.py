@@ -42,10 +42,18 @@ from ..safeio import (
 )
 from .packing import codes, dequantize, pack, unpack
 
-__all__ = ["export", "load"]
+__all__ = ["export", "exportable", "load"]
 
 KEY = "fastft_quantization"
 WEIGHTS = "model.safetensors"
+
+
+def exportable(model: nn.Module) -> bool:
+    """Whether ``model`` was prepared with RoSTE, so that :func:`export` can write it (the
+    Trainer writes ``<output>/quantized`` at the end of such a run)."""
+    from ..methods.roste import RoSTE
+
+    return isinstance(getattr(getattr(model, "_fastft", None), "method", None), RoSTE)
 
 
 def _roste(model: nn.Module):

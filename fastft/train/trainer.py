@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import losses
+from .. import losses, quantize
 from ..errors import FastftError, check
 from ..methods.lora import adapter_layers
 from ..patch import disable_adapters, next_token_labels, output_head, prepare
@@ -211,9 +211,9 @@ class Trainer:
             log.close()
         ckpt = self.save()
         quantized = None
-        if d.main and hasattr(self.method, "save_quantized"):  # RoSTE: the deployable model
-            quantized = self.method.save_quantized(self.model, self.out / "quantized",
-                                                   tokenizer=self.tokenizer)
+        if d.main and quantize.exportable(self.model):  # RoSTE: the deployable model
+            quantized = quantize.export(self.model, self.out / "quantized",
+                                        tokenizer=self.tokenizer)
         summary = {"steps": self.state["step"], "final_loss": last.get("loss"),
                    "tokens_per_s": last.get("tokens_per_s"),
                    "wall_seconds": round(time.perf_counter() - t0, 1),
