@@ -180,7 +180,7 @@ def _gathered(base, idx, V, softcap, inv_temp, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def combine_kernel(
     z_ptr, stride_z, V, S, m_ptr, l_ptr, score_ptr, index_ptr, target_ptr,
-    samples_ptr, idx_ptr, lse_ptr, gath_ptr, softcap, inv_temp,
+    idx_ptr, lse_ptr, gath_ptr, softcap, inv_temp,
     K: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     S_PAD: tl.constexpr,
 ):
@@ -199,7 +199,6 @@ def combine_kernel(
         entry = tl.load(index_ptr + slots * K + k, mask=ok, other=BIG)
         best = tl.max(score, axis=0)
         v = tl.min(tl.where(score == best, entry, BIG), axis=0).to(tl.int64)
-        tl.store(samples_ptr + row * K + k, v)
         tl.store(idx_ptr + row * J + k, v)
         tl.store(gath_ptr + row * J + k, _gathered(base, v, V, softcap, inv_temp, HAS_SOFTCAP))
     if HAS_TARGET:
@@ -224,18 +223,17 @@ def sample_stats(z: torch.Tensor, k: int, target: torch.Tensor | None, *, seed: 
     of the loss at ``temperature``, in one read of z [C, V] (unit column stride).
 
     ``target``: None, or [C] int64 entries (-1: none) gathered after the samples.
-    Returns (samples [C, K] int64, idx [C, J] int64: the samples then the target,
-    (lse [C], gathered [C, J], None, None)) as row_stats returns its stats.
+    Returns (samples [C, K] int64, a view of idx; idx [C, J] int64: the samples then the
+    target; (lse [C], gathered [C, J], None, None) as row_stats returns its stats).
     """
     C, V = z.shape
     J = k + (target is not None)
     dev = z.device
-    samples = torch.empty(C, k, device=dev, dtype=torch.int64)
     idx = torch.empty(C, J, device=dev, dtype=torch.int64)
     lse = torch.empty(C, device=dev, dtype=torch.float32)
     gathered = torch.empty(C, J, device=dev, dtype=torch.float32)
     if C == 0:
-        return samples, idx, (lse, gathered, None, None)
+        return idx[:, :k], idx, (lse, gathered, None, None)
     S, span = spans(C, V, splits)
     f32 = dict(device=dev, dtype=torch.float32)
     m, lsum = torch.empty(C, S, **f32), torch.empty(C, S, **f32)
@@ -248,10 +246,10 @@ def sample_stats(z: torch.Tensor, k: int, target: torch.Tensor | None, *, seed: 
         SAME_TEMP=temperature == sample_temperature, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
     tgt = target.contiguous() if target is not None else idx
     combine_kernel[(C,)](
-        z, z.stride(0), V, S, m, lsum, score, index, tgt, samples, idx, lse, gathered, cap,
+        z, z.stride(0), V, S, m, lsum, score, index, tgt, idx, lse, gathered, cap,
         1.0 / temperature, K=k, HAS_TARGET=target is not None, HAS_SOFTCAP=bool(softcap),
         S_PAD=triton.next_power_of_2(S), num_warps=1)
-    return samples, idx, (lse, gathered, None, None)
+    return idx[:, :k], idx, (lse, gathered, None, None)
 
 
 def sample(z: torch.Tensor, k: int, *, seed: int, row_offset: int, softcap: float,
@@ -281,9 +279,9 @@ def aot_specs():
             name="gumbel_combine", kernel=combine_kernel, matrix=False,
             signature={"z_ptr": "*fp32", "stride_z": "i64", "V": "i32", "S": "i32",
                        "m_ptr": "*fp32", "l_ptr": "*fp32", "score_ptr": "*fp32",
-                       "index_ptr": "*i32", "target_ptr": "*i64", "samples_ptr": "*i64",
-                       "idx_ptr": "*i64", "lse_ptr": "*fp32", "gath_ptr": "*fp32",
-                       "softcap": "fp32", "inv_temp": "fp32"},
+                       "index_ptr": "*i32", "target_ptr": "*i64", "idx_ptr": "*i64",
+                       "lse_ptr": "*fp32", "gath_ptr": "*fp32", "softcap": "fp32",
+                       "inv_temp": "fp32"},
             constexprs={"K": 8, "HAS_TARGET": target, "HAS_SOFTCAP": True, "S_PAD": s_pad},
             options={"num_warps": 1},
             config=f"K=8{' target' if target else ''} S_PAD={s_pad}"))
