@@ -57,11 +57,9 @@ def exportable(model: nn.Module) -> bool:
 
 
 def _roste(model: nn.Module):
-    from ..methods.roste import RoSTE
-
-    method = getattr(getattr(model, "_fastft", None), "method", None)
-    check(isinstance(method, RoSTE), "fastft.quantize.export needs a model prepared with "
+    check(exportable(model), "fastft.quantize.export needs a model prepared with "
           "fastft.prepare(model, fastft.RoSTE(...))")
+    method = model._fastft.method
     rt = method.runtime(model)
     check(rt.qcfg.ready, "RoSTE(rotations='adaptive') is not calibrated yet: call "
           "method.calibrate(model, batches) (the Trainer does it) before exporting")
