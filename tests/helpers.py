@@ -66,3 +66,20 @@ def check_pair(fn, ref_fn, h, w, rtol, *args, **kw):
     assert_close(gh, eh, rtol, "grad_hidden")
     assert_close(gw, ew, rtol, "grad_weight")
     return out, gh, gw
+
+
+def compiled_rows(tmp_path, name, script):
+    """Run ``script`` (a file: @triton.jit needs its source in one) in a fresh process with
+    the real JIT (no TRITON_INTERPRET), and return the JSON its last line prints."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / name
+    path.write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,12 +1,11 @@
 """Ahead-of-time compile of Triton kernels for sm_90/sm_80, in a process without the interpreter."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from .helpers import compiled_rows
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -43,13 +42,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_compiles_for_hopper_and_ampere_and_reads_resources(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = tmp_path / "aot_probe.py"  # @triton.jit needs its source in a file
-    script.write_text(SCRIPT)
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    mm90, mm80, rows90 = json.loads(out.stdout.strip().splitlines()[-1])
+    mm90, mm80, rows90 = compiled_rows(tmp_path, "aot_probe.py", SCRIPT)
     assert mm90["ok"] and mm90["wgmma"] == "yes" and mm90["shared_bytes"] > 0
     assert mm80["ok"] and mm80["wgmma"] == "-"
     assert rows90["ok"] and rows90["registers"] > 0 and rows90["spill_bytes"] == 0
@@ -96,13 +89,7 @@ HADAMARD_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_hadamard_and_fake_quant_kernels_compile_for_hopper_without_spills(tmp_path):
     """The RoSTE kernels at their largest tiles (P = 32768 in one program) and smallest."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = tmp_path / "aot_hadamard.py"
-    script.write_text(HADAMARD_SCRIPT)
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = compiled_rows(tmp_path, "aot_hadamard.py", HADAMARD_SCRIPT)
     assert len(rows) == 5
     for r in rows:
         # no spill, or no more than aot.KNOWN_SPILLS allows this variant
@@ -188,13 +175,7 @@ REGRESSION_SCRIPT = textwrap.dedent("""
 def test_a_gemm_tile_read_without_its_pipelined_loads_is_over_budget(tmp_path):
     """The LoRA GEMM tile as shipped stays within its budget; the same tile without the
     launcher's alignment hints, read by scalar loads with no asynchronous copies, is OVER."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = tmp_path / "aot_regression.py"
-    script.write_text(REGRESSION_SCRIPT)
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    shipped, bare = json.loads(out.stdout.strip().splitlines()[-1])
+    shipped, bare = compiled_rows(tmp_path, "aot_regression.py", REGRESSION_SCRIPT)
     assert shipped["ok"] and shipped["async_copies"] > 0 and not shipped["over"], shipped
     assert bare["async_copies"] == 0 and bare["over"], bare
     assert bare["instr_per_elem"] > 2 * shipped["instr_per_elem"]
@@ -218,13 +199,7 @@ def test_spills_into_the_stack_frame_are_seen_and_fail(tmp_path):
     """Triton's ptxas options put spills in the stack frame (STACK, not LOCAL): the sm_90
     tile of the LoRA GEMM (4 warps), compiled for sm_80, stores to it and fails the check;
     the tile shipped for sm_80 (8 warps) spills nothing."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = tmp_path / "aot_spill.py"
-    script.write_text(SPILL_SCRIPT)
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    hopper, ampere = json.loads(out.stdout.strip().splitlines()[-1])
+    hopper, ampere = compiled_rows(tmp_path, "aot_spill.py", SPILL_SCRIPT)
     assert hopper["local_stores"] > 0 and hopper["spill_bytes"] > 0, hopper
     assert not hopper["ok"] and "spills" in hopper["error"], hopper
     assert ampere["ok"] and ampere["spill_bytes"] == 0 and ampere["local_stores"] == 0, ampere

@@ -3,11 +3,7 @@ interpreter; csrc/hadamard.cpp; csrc/hadamard.cu on a GPU) against a dense fp64 
 torch formula of the quantizer written here."""
 
 import importlib
-import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +13,7 @@ import triton
 from fastft import backends, extensions
 from fastft.ops.hadamard_factors import kfactor, plan
 
-from ..helpers import assert_close
+from ..helpers import assert_close, compiled_rows
 
 SIZES = [16, 64, 12 * 16, 20 * 8, 28 * 4]  # n = K P: K = 1, 12, 20, 28 (Paley factors)
 IMPLS = [pytest.param("triton", marks=pytest.mark.interpreter), "cpp",
@@ -403,13 +399,7 @@ def test_gpu_code_uses_the_hardware_roundings_and_one_division_per_row(tmp_path)
     """Compiled for sm_90 (no interpreter): n = 14336 as one register tile without spills; the
     bf16 stores by F2FP conversions, the codes by FRND, and the quantizer's divisions (MUFU.RCP
     plus the FCHK range check of div_rn) only per row: s, z and 1 / s, not per element."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = tmp_path / "aot_hardware.py"
-    script.write_text(HARDWARE_SCRIPT)
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = compiled_rows(tmp_path, "aot_hardware.py", HARDWARE_SCRIPT)
     assert [r["kernel"] for r, _ in rows] == ["hadamard", "rotate_quant", "sparse_adam",
                                               "rotate_quant"]
     count = [{op: sum(v for k, v in ops.items() if k.startswith(op))
