@@ -89,6 +89,13 @@ def cmd_check_kernels(args) -> int:
     for a in archs:
         if a not in aot.extensions.SMEM_LIMIT:
             raise FastftError(f"unknown arch {a!r}; use sm_90 and/or sm_80")
+    if args.json:  # before minutes of compiles, not after
+        import os
+
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise FastftError(f"--json {args.json}: the folder {folder} does not exist; "
+                              "create it or name a file in an existing folder")
     if backends.interpreter_on():
         return aot.run_in_clean_process(archs, json_path=args.json)
     tools = aot.toolchain()

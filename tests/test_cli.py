@@ -45,6 +45,11 @@ def test_bad_arch():
     assert proc.returncode == 2 and "unknown arch 'sm_75'" in proc.stderr
 
 
+def test_check_kernels_json_into_a_missing_folder_is_refused_before_compiling(tmp_path):
+    proc = run("check-kernels", "--json", str(tmp_path / "nope" / "rows.json"))
+    one_line_error(proc, "does not exist")
+
+
 def one_line_error(proc, words):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

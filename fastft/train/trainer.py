@@ -235,12 +235,29 @@ class Trainer:
         data), or for SFT a collated batch or a list of them (the micro-batches of one step),
         for GRPO a list of prompt rows. Returns the step's metrics: ``loss``, ``grad_norm``,
         ``tokens`` and the objective's own (GRPO's rewards, KL, clip shares and times)."""
+        if batch is not None:
+            self._check_batch(batch)
         if self.cfg.objective == "grpo":
             metrics, n_tok = self._grpo_step(batch)
         else:
             metrics, n_tok = self._sft_step(batch)
         norm = self.finish_step(metrics["loss"])
         return dict(metrics, grad_norm=norm, tokens=n_tok)
+
+    def _check_batch(self, batch) -> None:
+        """A batch given to :meth:`step` has the shape its objective reads."""
+        items = [batch] if isinstance(batch, dict) else batch
+        if self.cfg.objective == "grpo":
+            check(isinstance(batch, (list, tuple)) and bool(batch)
+                  and all(isinstance(r, dict) and "prompt" in r for r in batch),
+                  "Trainer.step(batch) for GRPO takes a list of prompt rows (dicts with a "
+                  "'prompt'), as the training data holds them")
+            return
+        check(isinstance(items, (list, tuple)) and bool(items)
+              and all(isinstance(b, dict) and isinstance(b.get("input_ids"), torch.Tensor)
+                      and isinstance(b.get("labels"), torch.Tensor) for b in items),
+              "Trainer.step(batch) for SFT takes a collated batch (a dict with 'input_ids' and "
+              "'labels' tensors) or a list of them (the step's micro-batches)")
 
     def finish_step(self, loss: torch.Tensor) -> torch.Tensor:
         """The end of a step once its gradients are in ``.grad``: their sync across processes

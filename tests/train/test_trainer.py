@@ -202,3 +202,17 @@ def test_the_public_step_is_the_loops_step(tmp_path):
     batches = given._next_sft_batches()  # what drawn's first step draws itself
     a, b = given.step(batches), drawn.step()
     assert torch.equal(a["loss"], b["loss"]) and a["tokens"] == b["tokens"]
+
+
+@pytest.mark.parametrize("batch", [{"input_ids": [1, 2]}, [], "text", [{"prompt": "1+1="}]],
+                         ids=["list-ids", "empty", "str", "prompt-rows"])
+def test_a_step_on_a_batch_of_the_wrong_shape_is_one_clear_error(tmp_path, batch):
+    model, tok = tiny_setup()
+    cfg = TrainConfig(max_steps=1, batch_size=4, progress=False, max_length=32,
+                      output_dir=str(tmp_path / "run"))
+    trainer = Trainer(model, tok, str(write_data(tmp_path)), cfg)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.raises(fastft.FastftError, match="Trainer.step.batch. for SFT takes"):
+        trainer.step(batch)
+    assert trainer.state["step"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
