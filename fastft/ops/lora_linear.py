@@ -5,11 +5,12 @@
 Forward: the small xa = x A^T (and xa R^T), then one GEMM over the
 concatenated K, [x | s xa R^T] x [W0 | B]^T (kernels/lora_matmul.py).
 Backward, for dy: dyb = dy B; dX = [dy | s dyb R] x [W0 ; A] in one GEMM;
-dA = s (dyb R)^T x, dB = s dy^T (xa R^T), dR = s dyb^T xa. On the Triton backend
-dyb and dB come from one kernel that reads dy once (ranks up to its MAX_FUSED_RANK). W0 never gets a
-gradient. A, B and R may be fp32 beside a bf16 base (as PEFT keeps them): the
-fused GEMMs read them in the activations' dtype and their gradients come out
-in their own dtype, accumulated in fp32.
+dA = s (dyb R)^T x, dB = s dy^T (xa R^T), dR = s dyb^T xa. On the Triton
+backend dyb and dB come from one kernel that reads dy once (ranks up to
+kernels/lora_matmul.py's MAX_FUSED_RANK). W0 never gets a gradient. A, B and
+R may be fp32 beside a bf16 base (as PEFT keeps them): the fused GEMMs read
+them in the activations' dtype and their gradients come out in their own
+dtype, accumulated in fp32.
 """
 
 from __future__ import annotations
@@ -92,13 +93,13 @@ def backward(
     if need_b:  # dB = dy^T xs with xs = s xa R^T, in dy's dtype
         xr = xa if lora_r is None else xa @ lora_r.float().t()
         xs = (xr * scale).to(dy.dtype)
-    fused = xs is not None and backend == "triton"
-    if fused:
+    kernel = None
+    if xs is not None and backend == "triton":
         from ..kernels import lora_matmul
 
-        fused = lora_b.shape[1] <= lora_matmul.MAX_FUSED_RANK
-    if fused:  # dy B and dB in one read of dy (the backward's largest operand after W0)
-        dyb, db32 = lora_matmul.dy_b_and_db(dy, lora_b.to(dy.dtype).contiguous(), xs)
+        kernel = lora_matmul if lora_b.shape[1] <= lora_matmul.MAX_FUSED_RANK else None
+    if kernel is not None:  # dy B and dB in one read of dy (the backward's largest operand)
+        dyb, db32 = kernel.dy_b_and_db(dy, lora_b.to(dy.dtype).contiguous(), xs)
         db = db32.to(lora_b.dtype)
     else:
         dyb = _small(dy, lora_b, torch.float32)  # dy B, [T, r]
